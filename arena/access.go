@@ -59,14 +59,18 @@ func (m *Mapping) copyMapped(op string, buf []byte, off int64, toMapping bool) (
 	return done, nil
 }
 
-// ReadAt reads len(p) bytes at off into p (io.ReaderAt). A read that runs
-// past the end of the mapping reads what is there and returns io.EOF.
+// ReadAt reads len(p) bytes at off into p (io.ReaderAt). A read that starts
+// at the end of the mapping, or runs past it, reads what is there and returns
+// io.EOF; one that starts beyond the end is an ErrOutOfRange error.
 func (m *Mapping) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
+	if off == m.size && !m.closed {
+		return 0, io.EOF
+	}
 	n := int64(len(p))
 	var eof bool
 	if off >= 0 && off < m.size && n > m.size-off {
@@ -224,7 +228,8 @@ const copyChunk = 1 << 20
 
 // CopyFrom reads exactly n bytes from r into the mapping at off. Readers that
 // are files read straight into the mapping (no intermediate buffer). It
-// returns the bytes stored and, if r ends early, io.ErrUnexpectedEOF.
+// returns the bytes stored and, if r ends early, io.ErrUnexpectedEOF. As with
+// io.CopyN, n == 0 copies nothing and is not an error.
 func (m *Mapping) CopyFrom(off int64, r io.Reader, n int64) (int64, error) {
 	return m.stream("CopyFrom", off, n, func(b []byte) (int, error) { return io.ReadFull(r, b) })
 }
@@ -238,6 +243,9 @@ func (m *Mapping) CopyTo(w io.Writer, off, n int64) (int64, error) {
 // raised inside fn and EFAULT returned by the kernel (a file's read or write
 // into an unmapped page) alike.
 func (m *Mapping) stream(op string, off, n int64, fn func([]byte) (int, error)) (int64, error) {
+	if n == 0 {
+		return 0, nil
+	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	if err := m.checkAccess(op, off, n); err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -93,6 +94,9 @@ func newEntry(op string, off, size int64, fd int, fdOff int64, c config) (entry,
 			return e, fmt.Errorf("arena: %s: fd %d: %w: %w", op, fd, ErrBadFD, err)
 		}
 		e.dev, e.ino = st.Dev, st.Ino
+		if err := checkFDAccess(fd, e.shared, c.prot); err != nil {
+			return e, fmt.Errorf("arena: %s: fd %d: %w", op, fd, err)
+		}
 		var fs unix.Statfs_t
 		if unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.HUGETLBFS_MAGIC {
 			e.pageSize = int64(st.Blksize)
@@ -104,6 +108,23 @@ func newEntry(op string, off, size int64, fd int, fdOff int64, c config) (entry,
 		return e, err
 	}
 	return e, nil
+}
+
+// checkFDAccess rejects an fd whose open mode cannot give the mapping asked
+// for, before mmap fails with a bare EACCES: every mapping needs read access,
+// and a shared writable one needs the fd open for writing too.
+func checkFDAccess(fd int, shared bool, prot Protection) error {
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrBadFD, os.NewSyscallError("fcntl", err))
+	}
+	switch mode := fl & unix.O_ACCMODE; {
+	case mode == unix.O_WRONLY:
+		return fmt.Errorf("%w: open write-only; mapping needs read access", ErrBadFD)
+	case mode == unix.O_RDONLY && shared && prot&ProtWrite != 0:
+		return fmt.Errorf("%w: open read-only; a shared writable mapping needs O_RDWR", ErrBadFD)
+	}
+	return nil
 }
 
 func checkNewRange(op string, off, size, fdOff, granule int64) error {
