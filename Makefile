@@ -1,0 +1,44 @@
+# The documented entry points. `make test` is the one command that must pass
+# on a fresh machine; .ci/run calls it.
+
+GO          ?= go
+BENCH_COUNT ?= 5
+FUZZTIME    ?= 20s
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+.PHONY: test fmt-check vet unit bench-smoke bench fuzz lint build
+
+test: fmt-check vet unit bench-smoke
+
+fmt-check:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 ./...
+
+# Every benchmark once, so none of them rots.
+bench-smoke:
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCH_COUNT) ./... | tee bench.out
+
+# A short run of every fuzz target, found with go test -list.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+		for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "fuzzing $$pkg $$target for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+lint: fmt-check vet
+	$(GO) run ./internal/lint/unsafecheck .
+	$(GO) run $(STATICCHECK) ./...
+
+build:
+	$(GO) build ./...
