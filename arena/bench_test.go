@@ -154,3 +154,18 @@ func mustMap(b *testing.B) func(*arena.Mapping, error) *arena.Mapping {
 		return m
 	}
 }
+
+// BenchmarkReadUint64 is the fixed cost of one checked, fault-guarded access
+// (bounds check, read lock, SetPanicOnFault and recover).
+func BenchmarkReadUint64(b *testing.B) {
+	m, err := arena.NewAnon(4096, arena.Private(), arena.Populate())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	for b.Loop() {
+		if _, err := m.ReadUint64(64); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
