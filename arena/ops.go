@@ -135,8 +135,8 @@ func (m *Mapping) LockOnFault(off, n int64) error {
 	if errno == unix.ENOMEM || errno == unix.EAGAIN || errno == unix.EPERM {
 		var lim unix.Rlimit
 		if unix.Getrlimit(unix.RLIMIT_MEMLOCK, &lim) == nil {
-			return fmt.Errorf("arena: %s [%#x, +%#x): RLIMIT_MEMLOCK is %d bytes and %d more were asked for (raise it with ulimit -l or grant CAP_IPC_LOCK): %w",
-				op, off, n, lim.Cur, n, err)
+			return fmt.Errorf("arena: %s [%#x, +%#x): asked to lock %d bytes but RLIMIT_MEMLOCK is %d bytes, counting what the process already locks (raise it with ulimit -l or grant CAP_IPC_LOCK): %w",
+				op, off, n, n, lim.Cur, err)
 		}
 	}
 	return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, err)
