@@ -270,3 +270,27 @@ func TestCloseIsIdempotentAndLaterCallsSayClosed(t *testing.T) {
 	_, err = m.LoadUint32(0)
 	require.ErrorIs(t, err, arena.ErrClosed)
 }
+
+// TestFailedAlignedMappingReleasesItsReservation makes the inner MAP_FIXED of
+// an aligned mapping fail (a hugetlb mapping bigger than the pool, with swap
+// reservation on, fails with ENOMEM) and checks that the over-sized
+// PROT_NONE reservation made for alignment is gone: crosvm leaks it.
+func TestFailedAlignedMappingReleasesItsReservation(t *testing.T) {
+	needHugetlbPages(t, 1)
+	const huge = 2 << 20
+	const size = 64 << 30 // far more than any test pool
+	reservations := func() int {
+		n := 0
+		for _, v := range pmParse(t) {
+			if v.perms == "---p" && int64(v.end-v.start) >= size {
+				n++
+			}
+		}
+		return n
+	}
+	before := reservations()
+	_, err := arena.NewAnon(size, arena.Private(), arena.HugeTLB(huge), arena.Align(1<<30))
+	require.ErrorIs(t, err, unix.ENOMEM)
+	require.Contains(t, err.Error(), "mmap")
+	require.Equal(t, before, reservations(), "the alignment reservation leaked")
+}
