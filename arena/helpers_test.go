@@ -70,34 +70,11 @@ func needHugetlbPages(t testing.TB, n int) {
 	}
 }
 
-// mapsLine returns the /proc/self/maps line of the VMA containing addr.
-func mapsLine(t testing.TB, addr uintptr) string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/maps")
-	require.NoError(t, err)
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		lo, hi, _ := strings.Cut(f[0], "-")
-		l, _ := strconv.ParseUint(lo, 16, 64)
-		h, _ := strconv.ParseUint(hi, 16, 64)
-		if uintptr(l) <= addr && addr < uintptr(h) {
-			return line
-		}
-	}
-	return ""
-}
-
 // mapsPerms returns the permissions of the VMA containing addr, "" if none.
 func mapsPerms(t testing.TB, addr uintptr) string {
 	t.Helper()
-	f := strings.Fields(mapsLine(t, addr))
-	if len(f) < 2 {
-		return ""
-	}
-	return f[1]
+	v, _ := pmFind(pmParse(t), addr)
+	return v.perms
 }
 
 // pipe returns both ends of a pipe, closed when the test ends.

@@ -16,14 +16,25 @@ import (
 // entirely mapped; a violation is a *RangeError wrapping the matching
 // sentinel. Syscall failures are *os.SyscallError values naming the call.
 
-// advise applies madvise(advice) to a validated, mapped range.
-func (m *Mapping) advise(op string, off, n int64, advice int) error {
+// rangeCall validates a mapped range under the read lock and runs the
+// syscall call (named name in errors) on its address.
+func (m *Mapping) rangeCall(op, name string, off, n int64, call func(addr uintptr, n int64) syscall.Errno) error {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	if err := m.checkPages(op, off, n, true); err != nil {
 		return err
 	}
-	return m.madvise(op, off, n, advice)
+	if errno := call(m.addr+uintptr(off), n); errno != 0 {
+		return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, syscallErr(name, errno))
+	}
+	return nil
+}
+
+// advise applies madvise(advice) to a validated, mapped range.
+func (m *Mapping) advise(op string, off, n int64, advice int) error {
+	return m.rangeCall(op, adviceName(advice), off, n, func(a uintptr, n int64) syscall.Errno {
+		return sysMadvise(a, n, advice)
+	})
 }
 
 func (m *Mapping) madvise(op string, off, n int64, advice int) error {
@@ -105,15 +116,9 @@ func (m *Mapping) UseDontfork(off, n int64) error {
 // Msync writes the range's dirty pages back to the file and waits (msync
 // MS_SYNC): crosvm's msync.
 func (m *Mapping) Msync(off, n int64) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if err := m.checkPages("Msync", off, n, true); err != nil {
-		return err
-	}
-	if errno := sysMsync(m.addr+uintptr(off), n, unix.MS_SYNC); errno != 0 {
-		return fmt.Errorf("arena: Msync [%#x, +%#x): %w", off, n, syscallErr("msync", errno))
-	}
-	return nil
+	return m.rangeCall("Msync", "msync", off, n, func(a uintptr, n int64) syscall.Errno {
+		return sysMsync(a, n, unix.MS_SYNC)
+	})
 }
 
 // LockOnFault locks the range's resident pages in memory and every other page
@@ -121,39 +126,22 @@ func (m *Mapping) Msync(off, n int64) error {
 // Without CAP_IPC_LOCK the process's RLIMIT_MEMLOCK caps what can be locked;
 // running into it is an error that says the limit and what was asked for.
 func (m *Mapping) LockOnFault(off, n int64) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	const op = "LockOnFault"
-	if err := m.checkPages(op, off, n, true); err != nil {
-		return err
+	err := m.rangeCall("LockOnFault", "mlock2(MLOCK_ONFAULT)", off, n, func(a uintptr, n int64) syscall.Errno {
+		return sysMlock2(a, n, unix.MLOCK_ONFAULT)
+	})
+	var lim unix.Rlimit
+	if (errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EPERM)) &&
+		unix.Getrlimit(unix.RLIMIT_MEMLOCK, &lim) == nil {
+		return fmt.Errorf("%w (asked to lock %d bytes; RLIMIT_MEMLOCK is %d bytes, counting what the process already locks; raise it with ulimit -l or grant CAP_IPC_LOCK)",
+			err, n, lim.Cur)
 	}
-	errno := sysMlock2(m.addr+uintptr(off), n, unix.MLOCK_ONFAULT)
-	if errno == 0 {
-		return nil
-	}
-	err := syscallErr("mlock2(MLOCK_ONFAULT)", errno)
-	if errno == unix.ENOMEM || errno == unix.EAGAIN || errno == unix.EPERM {
-		var lim unix.Rlimit
-		if unix.Getrlimit(unix.RLIMIT_MEMLOCK, &lim) == nil {
-			return fmt.Errorf("arena: %s [%#x, +%#x): asked to lock %d bytes but RLIMIT_MEMLOCK is %d bytes, counting what the process already locks (raise it with ulimit -l or grant CAP_IPC_LOCK): %w",
-				op, off, n, n, lim.Cur, err)
-		}
-	}
-	return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, err)
+	return err
 }
 
 // Unlock unlocks the range (munlock): crosvm's unlock. Unlocking pages that
 // are not locked is not an error.
 func (m *Mapping) Unlock(off, n int64) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if err := m.checkPages("Unlock", off, n, true); err != nil {
-		return err
-	}
-	if errno := sysMunlock(m.addr+uintptr(off), n); errno != 0 {
-		return fmt.Errorf("arena: Unlock [%#x, +%#x): %w", off, n, syscallErr("munlock", errno))
-	}
-	return nil
+	return m.rangeCall("Unlock", "munlock", off, n, sysMunlock)
 }
 
 // Protect changes the protection of the range (mprotect). In an Arena the

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 
@@ -248,7 +249,7 @@ func TestAlignedMappingLeavesNoSlack(t *testing.T) {
 	require.Zero(t, m.Addr()%align)
 	// The over-sized reservation's slack was returned: nothing of ours is
 	// mapped just below or just above.
-	require.Empty(t, mapsPerms(t, m.Addr()-1), "slack below %s", mapsLine(t, m.Addr()-1))
+	require.Empty(t, mapsPerms(t, m.Addr()-1), "slack below")
 	require.Empty(t, mapsPerms(t, m.Addr()+uintptr(m.Size())), "slack above")
 
 	_, err = arena.NewAnon(page, arena.Align(3*page))
@@ -297,4 +298,46 @@ func TestFailedAlignedMappingReleasesItsReservation(t *testing.T) {
 	for v := range reservations() {
 		require.True(t, before[v], "the alignment reservation leaked: %#x-%#x", v.start, v.end)
 	}
+}
+
+// TestLockOnFaultNamesTheMemlockLimit runs LockOnFault past RLIMIT_MEMLOCK on
+// a thread without CAP_IPC_LOCK: the error keeps the errno and says the
+// limit and the request.
+func TestLockOnFaultNamesTheMemlockLimit(t *testing.T) {
+	var old unix.Rlimit
+	require.NoError(t, unix.Getrlimit(unix.RLIMIT_MEMLOCK, &old))
+	const limit = 64 << 10
+	lowered := old
+	lowered.Cur = limit
+	require.NoError(t, unix.Setrlimit(unix.RLIMIT_MEMLOCK, &lowered))
+	defer func() { require.NoError(t, unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old)) }()
+
+	m, err := arena.NewAnon(1<<20, arena.Private())
+	require.NoError(t, err)
+	defer m.Close()
+	done := make(chan error)
+	go func() {
+		// Capabilities are per thread: drop CAP_IPC_LOCK on a thread of our
+		// own, which is discarded when this goroutine exits still locked.
+		runtime.LockOSThread()
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			done <- err
+			return
+		}
+		data[0].Effective &^= 1 << unix.CAP_IPC_LOCK
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			done <- err
+			return
+		}
+		done <- m.LockOnFault(0, 1<<20)
+	}()
+	err = <-done
+	require.Error(t, err)
+	require.True(t, errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EPERM), "%v", err)
+	require.Contains(t, err.Error(), "RLIMIT_MEMLOCK is 65536 bytes")
+	require.Contains(t, err.Error(), "asked to lock 1048576 bytes")
+	st := stats(t, m, 0, 1<<20)
+	require.False(t, st.AnyFlag("lf"), "nothing was locked")
 }
