@@ -273,3 +273,19 @@ func (m *Mapping) stream(op string, off, n int64, fn func([]byte) (int, error)) 
 	}
 	return done, nil
 }
+
+// Bytes returns the mapped memory [off, off+n) itself, with no copy: for
+// handing guest buffers to syscalls (readv, writev, io_uring) and to code
+// that cannot take an io.ReaderAt. The range must be mapped. The slice is
+// valid only while the range stays mapped: after Close or RemoveMapping of
+// it, using the slice crashes the process. Accesses through it are not
+// fault-protected and not synchronised with the guest; prefer ReadAt and
+// WriteAt where a copy is acceptable.
+func (m *Mapping) Bytes(off, n int64) ([]byte, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if err := m.checkAccess("Bytes", off, n); err != nil {
+		return nil, err
+	}
+	return bytesAt(m.addr+uintptr(off), int(n)), nil
+}

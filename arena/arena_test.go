@@ -294,3 +294,19 @@ var errWrite = errors.New("write refused")
 type failingWriter struct{}
 
 func (failingWriter) Write([]byte) (int, error) { return 0, errWrite }
+
+func TestBytesAliasesTheMapping(t *testing.T) {
+	a := newArena(t, 16*page)
+	require.NoError(t, a.AddAnonMapping(0, 4*page, arena.ProtReadWrite))
+	b, err := a.Bytes(page, 2*page)
+	require.NoError(t, err)
+	require.Len(t, b, int(2*page))
+	b[5] = 42
+	v, err := a.ReadUint8(page + 5)
+	require.NoError(t, err)
+	require.Equal(t, uint8(42), v)
+	_, err = a.Bytes(3*page, 2*page)
+	require.ErrorIs(t, err, arena.ErrNotMapped)
+	_, err = a.Bytes(0, 0)
+	require.ErrorIs(t, err, arena.ErrZeroSize)
+}

@@ -1,0 +1,264 @@
+package guestmem
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+)
+
+// Errors of access by guest-physical address, wrapped in *AddressError.
+var (
+	// ErrHole: part of the range is not guest RAM (a gap in the layout).
+	ErrHole = errors.New("guestmem: address not in guest RAM")
+	// ErrAddressOverflow: address + length overflows 64 bits.
+	ErrAddressOverflow = errors.New("guestmem: address plus length overflows")
+	// ErrSpansRegions: a zero-copy slice was asked across a region boundary.
+	ErrSpansRegions = errors.New("guestmem: range spans more than one region")
+)
+
+// AddressError reports a guest-physical range that could not be accessed.
+// A guest controls the addresses devices are asked to touch, so every
+// access checks its whole range before touching anything.
+type AddressError struct {
+	Op  string       // the method
+	GPA GuestAddress // the first address that is at fault
+	Len uint64       // the length asked for
+	Err error        // ErrHole, ErrAddressOverflow, ErrSpansRegions, ...
+}
+
+func (e *AddressError) Error() string {
+	return fmt.Sprintf("guestmem: %s at %v (+%#x): %v", e.Op, e.GPA, e.Len, e.Err)
+}
+
+// Unwrap returns the sentinel.
+func (e *AddressError) Unwrap() error { return e.Err }
+
+// piece is the part of a guest range that falls in one region.
+type piece struct {
+	region int
+	off    int64 // arena offset
+	n      int64
+}
+
+// resolve maps [a, a+n) onto the regions. The range may cross region
+// boundaries only where regions are contiguous in guest-physical space; any
+// byte outside guest RAM is an *AddressError naming the first such address.
+// The caller holds m.mu for reading.
+func (m *Memory) resolve(op string, a GuestAddress, n uint64) ([]piece, error) {
+	if m.closed {
+		return nil, fmt.Errorf("guestmem: %s: %w", op, ErrClosed)
+	}
+	if n > math.MaxUint64-uint64(a) {
+		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrAddressOverflow}
+	}
+	i, ok := m.find(a)
+	if !ok {
+		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrHole}
+	}
+	var pieces []piece
+	pos, end := a, a+GuestAddress(n)
+	for pos < end {
+		if i == len(m.regions) || m.regions[i].GPA != pos && len(pieces) > 0 {
+			return nil, &AddressError{Op: op, GPA: pos, Len: n, Err: ErrHole}
+		}
+		r := m.regions[i]
+		take := min(end, r.End()) - pos
+		pieces = append(pieces, piece{region: i, off: r.ArenaOffset + int64(pos-r.GPA), n: int64(take)})
+		pos += take
+		i++
+	}
+	return pieces, nil
+}
+
+// ReadAt reads len(p) bytes of guest memory at guest-physical address off
+// (io.ReaderAt). A range that leaves guest RAM reads nothing and returns an
+// *AddressError; a fault part way (a truncated backing file) returns the
+// bytes read before it and an error wrapping arena.ErrFault.
+func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
+	return m.transfer("ReadAt", p, off, false)
+}
+
+// WriteAt writes p into guest memory at guest-physical address off
+// (io.WriterAt), with the same checks as ReadAt: nothing is written unless
+// the whole range is guest RAM, and a fault part way reports how much was.
+func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
+	return m.transfer("WriteAt", p, off, true)
+}
+
+func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if off < 0 {
+		return 0, &AddressError{Op: op, GPA: GuestAddress(off), Len: uint64(len(p)), Err: ErrHole}
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.resolve(op, GuestAddress(off), uint64(len(p)))
+	if err != nil {
+		return 0, err
+	}
+	done := 0
+	for _, pc := range pieces {
+		var n int
+		if write {
+			n, err = m.arena.WriteAt(p[done:done+int(pc.n)], pc.off)
+		} else {
+			n, err = m.arena.ReadAt(p[done:done+int(pc.n)], pc.off)
+		}
+		done += n
+		if err != nil {
+			return done, fmt.Errorf("guestmem: %s at %v: %w", op, GuestAddress(off+int64(done)), err)
+		}
+	}
+	return done, nil
+}
+
+// ReadValue reads a fixed-size value (a number, or a struct or array of them;
+// see encoding/binary) stored little-endian at a into v, which must be a
+// pointer.
+func (m *Memory) ReadValue(a GuestAddress, v any) error {
+	size := binary.Size(v)
+	if size < 0 {
+		return fmt.Errorf("guestmem: ReadValue: %T is not a fixed-size value", v)
+	}
+	buf := make([]byte, size)
+	if _, err := m.ReadAt(buf, int64(a)); err != nil {
+		return err
+	}
+	_, err := binary.Decode(buf, binary.LittleEndian, v)
+	return err
+}
+
+// WriteValue writes a fixed-size value little-endian at a.
+func (m *Memory) WriteValue(a GuestAddress, v any) error {
+	buf, err := binary.Append(nil, binary.LittleEndian, v)
+	if err != nil {
+		return fmt.Errorf("guestmem: WriteValue: %w", err)
+	}
+	_, err = m.WriteAt(buf, int64(a))
+	return err
+}
+
+// one resolves a range that must lie in a single region, for the typed and
+// atomic accessors, and runs fn on its arena offset.
+func (m *Memory) one(op string, a GuestAddress, n uint64, fn func(off int64) error) error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.resolve(op, a, n)
+	if err != nil {
+		return err
+	}
+	if len(pieces) != 1 {
+		return &AddressError{Op: op, GPA: a, Len: n, Err: ErrSpansRegions}
+	}
+	return fn(pieces[0].off)
+}
+
+// ReadUint64 reads the little-endian 64-bit value at a.
+func (m *Memory) ReadUint64(a GuestAddress) (v uint64, err error) {
+	err = m.ReadValue(a, &v)
+	return v, err
+}
+
+// WriteUint64 writes v little-endian at a.
+func (m *Memory) WriteUint64(a GuestAddress, v uint64) error { return m.WriteValue(a, v) }
+
+// ReadUint32 reads the little-endian 32-bit value at a.
+func (m *Memory) ReadUint32(a GuestAddress) (v uint32, err error) {
+	err = m.ReadValue(a, &v)
+	return v, err
+}
+
+// WriteUint32 writes v little-endian at a.
+func (m *Memory) WriteUint32(a GuestAddress, v uint32) error { return m.WriteValue(a, v) }
+
+// LoadUint32 atomically loads the naturally aligned 32-bit word at a.
+func (m *Memory) LoadUint32(a GuestAddress) (v uint32, err error) {
+	err = m.one("LoadUint32", a, 4, func(off int64) (err error) { v, err = m.arena.LoadUint32(off); return err })
+	return v, err
+}
+
+// StoreUint32 atomically stores v into the naturally aligned word at a.
+func (m *Memory) StoreUint32(a GuestAddress, v uint32) error {
+	return m.one("StoreUint32", a, 4, func(off int64) error { return m.arena.StoreUint32(off, v) })
+}
+
+// CompareAndSwapUint32 atomically replaces the word at a with newV if it
+// holds old, and reports whether it did.
+func (m *Memory) CompareAndSwapUint32(a GuestAddress, old, newV uint32) (ok bool, err error) {
+	err = m.one("CompareAndSwapUint32", a, 4, func(off int64) (err error) {
+		ok, err = m.arena.CompareAndSwapUint32(off, old, newV)
+		return err
+	})
+	return ok, err
+}
+
+// LoadUint64 atomically loads the naturally aligned 64-bit word at a.
+func (m *Memory) LoadUint64(a GuestAddress) (v uint64, err error) {
+	err = m.one("LoadUint64", a, 8, func(off int64) (err error) { v, err = m.arena.LoadUint64(off); return err })
+	return v, err
+}
+
+// StoreUint64 atomically stores v into the naturally aligned word at a.
+func (m *Memory) StoreUint64(a GuestAddress, v uint64) error {
+	return m.one("StoreUint64", a, 8, func(off int64) error { return m.arena.StoreUint64(off, v) })
+}
+
+// CompareAndSwapUint64 atomically replaces the word at a with newV if it
+// holds old, and reports whether it did.
+func (m *Memory) CompareAndSwapUint64(a GuestAddress, old, newV uint64) (ok bool, err error) {
+	err = m.one("CompareAndSwapUint64", a, 8, func(off int64) (err error) {
+		ok, err = m.arena.CompareAndSwapUint64(off, old, newV)
+		return err
+	})
+	return ok, err
+}
+
+// Slice returns guest memory [a, a+n) itself, with no copy; the range must
+// lie in one region. The slice is valid until Close, and accesses through it
+// are not fault-protected: see arena.Mapping.Bytes.
+func (m *Memory) Slice(a GuestAddress, n uint64) (b []byte, err error) {
+	err = m.one("Slice", a, n, func(off int64) (err error) { b, err = m.arena.Bytes(off, int64(n)); return err })
+	return b, err
+}
+
+// CopyTo writes guest memory [a, a+n) to w.
+func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.resolve("CopyTo", a, n)
+	if err != nil {
+		return 0, err
+	}
+	var done int64
+	for _, pc := range pieces {
+		k, err := m.arena.CopyTo(w, pc.off, pc.n)
+		done += k
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+// CopyFrom reads n bytes from r into guest memory at a.
+func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.resolve("CopyFrom", a, n)
+	if err != nil {
+		return 0, err
+	}
+	var done int64
+	for _, pc := range pieces {
+		k, err := m.arena.CopyFrom(pc.off, r, pc.n)
+		done += k
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}

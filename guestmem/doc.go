@@ -1,0 +1,17 @@
+// Package guestmem is a guest's physical memory: a layout of regions,
+// backed by private anonymous memory, one shared memfd (crosvm's model), a
+// hugetlb memfd or an existing file, placed in one arena.Arena with guard
+// gaps between regions, and addressed by guest-physical address.
+//
+// Every access checks its whole guest-physical range before touching memory:
+// a guest chooses the addresses devices are asked to read and write, so an
+// address in a hole, or an address plus length that overflows, is an
+// *AddressError and never an access outside guest RAM.
+//
+// Memory policy (Prefetch, DropPageCache, LockOnFault, Unlock,
+// SetHugepages) applies to the whole guest or to guest-physical spans, and
+// Prefault populates guest RAM in parallel before the guest runs.
+//
+// Registration with KVM memory slots, balloon, hotplug, dirty tracking and
+// snapshots are not here yet: they build on the kvm package.
+package guestmem

@@ -1,0 +1,359 @@
+package guestmem
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"slices"
+	"sort"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/arena"
+)
+
+// Backing says what memory backs guest RAM.
+type Backing int
+
+const (
+	// Anonymous is private anonymous memory: the fastest to populate, and
+	// able to use transparent hugepages where the host enables them for
+	// anonymous memory. No other process can map it.
+	Anonymous Backing = iota
+	// Memfd is one memfd shared by all regions at increasing offsets
+	// (crosvm's model): another process, such as a vhost-user device, can
+	// map guest RAM through the fd. Its size is sealed.
+	Memfd
+	// Hugetlb is one hugetlb memfd (MFD_HUGETLB) with pages of the size set
+	// by WithHugetlb; the host needs a pool of such pages. Its size is sealed.
+	Hugetlb
+	// File maps an existing file privately (copy-on-write), as restoring
+	// from a snapshot file does: pages load on first touch and writes never
+	// reach the file.
+	File
+)
+
+func (b Backing) String() string {
+	switch b {
+	case Anonymous:
+		return "anonymous"
+	case Memfd:
+		return "memfd"
+	case Hugetlb:
+		return "hugetlb"
+	case File:
+		return "file"
+	}
+	return fmt.Sprintf("Backing(%d)", int(b))
+}
+
+// Option configures New.
+type Option func(*config)
+
+type config struct {
+	backing  Backing
+	hugeSize uint64
+	file     *os.File
+	top      GuestAddress
+	noTHP    bool
+	guard    uint64
+	name     string
+}
+
+// WithBacking chooses the backing (default Anonymous).
+func WithBacking(b Backing) Option { return func(c *config) { c.backing = b } }
+
+// WithHugetlb backs guest RAM with a hugetlb memfd of pageSize pages
+// (2 MiB or 1 GiB on x86). Region addresses and sizes must be multiples of it.
+func WithHugetlb(pageSize uint64) Option {
+	return func(c *config) { c.backing, c.hugeSize = Hugetlb, pageSize }
+}
+
+// WithFile backs guest RAM with f, mapped privately: region i is at the file
+// offset it would have in a Memfd backing of the same layout (FileSize gives
+// the size needed). The file is never modified. f may be closed after New.
+func WithFile(f *os.File) Option { return func(c *config) { c.backing, c.file = File, f } }
+
+// WithMaxAddress sets the top of the guest-physical address space (default
+// MaxGuestAddress), e.g. 1 << MAXPHYADDR of the guest CPU.
+func WithMaxAddress(top GuestAddress) Option { return func(c *config) { c.top = top } }
+
+// WithoutTransparentHugepages leaves transparent hugepages off (they are
+// requested by default wherever the backing allows).
+func WithoutTransparentHugepages() Option { return func(c *config) { c.noTHP = true } }
+
+// WithGuardGap sets the unmapped gap left between regions, and before the
+// first and after the last, in the host address space (default 2 MiB). A
+// stray host access past a region faults there instead of reading a
+// neighbour.
+func WithGuardGap(n uint64) Option { return func(c *config) { c.guard = n } }
+
+// WithName names the memfd (visible in /proc/<pid>/maps as /memfd:NAME).
+func WithName(name string) Option { return func(c *config) { c.name = name } }
+
+// ErrBacking is returned for a backing that cannot be set up as asked: an
+// unknown backing, a hugetlb page size the host does not offer, or a file
+// too small for the layout.
+var ErrBacking = errors.New("guestmem: backing unavailable")
+
+// ErrClosed is returned by every call on a Memory after Close.
+var ErrClosed = errors.New("guestmem: use of closed guest memory")
+
+// hostAlign is the alignment of regions in the host address space and in the
+// memfd: 2 MiB, so transparent and shmem hugepages can back whole regions.
+const hostAlign = 2 << 20
+
+// Region is one region of guest RAM as placed in the host.
+type Region struct {
+	GPA         GuestAddress // first guest-physical address
+	Size        uint64       // bytes
+	ReadOnly    bool         // the guest may not write it
+	HostAddr    uintptr      // host virtual address of GPA
+	ArenaOffset int64        // offset of the region in the Memory's arena
+	FDOffset    int64        // offset in the backing fd; -1 for Anonymous
+}
+
+// End returns the first address past the region.
+func (r Region) End() GuestAddress { return r.GPA + GuestAddress(r.Size) }
+
+func (r Region) contains(a GuestAddress) bool { return a >= r.GPA && a < r.End() }
+
+// Memory is a guest's physical memory: its regions, placed in one arena with
+// guard gaps between them, backed as chosen, addressed by guest-physical
+// address. It is safe for concurrent use.
+type Memory struct {
+	mu       sync.RWMutex // guards closed; accesses hold it for reading
+	closed   bool
+	arena    *arena.Arena
+	regions  []Region // sorted by GPA
+	backing  Backing
+	pageSize uint64 // 4 KiB, or the hugetlb page size
+	fd       int    // the memfd or file; -1 for Anonymous
+	fdSize   int64
+}
+
+// New lays out guest RAM as l, backs it and maps it. Every region is
+// MADV_DONTDUMP and MADV_DONTFORK, and asks for transparent hugepages where
+// the backing allows (WithoutTransparentHugepages to opt out). Memfd and
+// hugetlb backings are sealed against growing and shrinking, so no one can
+// make the VMM fault by truncating guest RAM.
+func New(l Layout, opts ...Option) (*Memory, error) {
+	c := config{top: MaxGuestAddress, guard: hostAlign, name: "guest-ram"}
+	for _, o := range opts {
+		o(&c)
+	}
+	pageSize := uint64(os.Getpagesize())
+	if c.backing == Hugetlb {
+		if c.hugeSize == 0 || bits.OnesCount64(c.hugeSize) != 1 || c.hugeSize < pageSize {
+			return nil, fmt.Errorf("%w: hugetlb page size %#x", ErrBacking, c.hugeSize)
+		}
+		pageSize = c.hugeSize
+	}
+	if err := l.Validate(pageSize, c.top); err != nil {
+		return nil, err
+	}
+	specs := slices.Clone(l)
+	slices.SortFunc(specs, func(a, b RegionSpec) int { return cmpAddr(a.GPA, b.GPA) })
+
+	align := max(uint64(hostAlign), pageSize)
+	guard := alignUp(c.guard, align)
+	regions := make([]Region, len(specs))
+	var arenaCursor, fdCursor uint64 = guard, 0
+	for i, s := range specs {
+		regions[i] = Region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
+			ArenaOffset: int64(arenaCursor), FDOffset: -1}
+		if c.backing != Anonymous {
+			regions[i].FDOffset = int64(fdCursor)
+			fdCursor = alignUp(fdCursor+s.Size, align)
+		}
+		arenaCursor = alignUp(arenaCursor+s.Size, align) + guard
+	}
+	m := &Memory{regions: regions, backing: c.backing, pageSize: pageSize, fd: -1, fdSize: int64(fdCursor)}
+	if err := m.open(c); err != nil {
+		return nil, err
+	}
+	a, err := arena.New(int64(arenaCursor), arena.ArenaAlign(int64(align)))
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("guestmem: reserving host address space: %w", err), m.closeFD())
+	}
+	m.arena = a
+	for i := range m.regions {
+		if err := m.mapRegion(&m.regions[i], c); err != nil {
+			return nil, errors.Join(err, m.Close())
+		}
+	}
+	return m, nil
+}
+
+func alignUp(n, a uint64) uint64 { return (n + a - 1) &^ (a - 1) }
+
+// open creates or checks the backing fd.
+func (m *Memory) open(c config) error {
+	switch c.backing {
+	case Anonymous:
+		return nil
+	case Memfd, Hugetlb:
+		flags := unix.MFD_CLOEXEC | unix.MFD_ALLOW_SEALING
+		if c.backing == Hugetlb {
+			flags |= unix.MFD_HUGETLB | bits.TrailingZeros64(c.hugeSize)<<unix.MFD_HUGE_SHIFT
+		}
+		fd, err := unix.MemfdCreate(c.name, flags)
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrBacking, os.NewSyscallError("memfd_create", err))
+		}
+		m.fd = fd
+		if err := unix.Ftruncate(fd, m.fdSize); err != nil {
+			return errors.Join(fmt.Errorf("%w: sizing memfd to %#x: %w", ErrBacking, m.fdSize,
+				os.NewSyscallError("ftruncate", err)), m.closeFD())
+		}
+		seals := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, seals); err != nil {
+			return errors.Join(fmt.Errorf("guestmem: sealing memfd: %w", os.NewSyscallError("fcntl", err)), m.closeFD())
+		}
+		return nil
+	case File:
+		if c.file == nil {
+			return fmt.Errorf("%w: File backing needs WithFile", ErrBacking)
+		}
+		fd, err := unix.Dup(int(c.file.Fd()))
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrBacking, os.NewSyscallError("dup", err))
+		}
+		m.fd = fd
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return errors.Join(os.NewSyscallError("fstat", err), m.closeFD())
+		}
+		if st.Size < m.fdSize {
+			return errors.Join(fmt.Errorf("%w: file has %d bytes, the layout needs %d", ErrBacking, st.Size, m.fdSize),
+				m.closeFD())
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: %v", ErrBacking, c.backing)
+}
+
+// FileSize returns the size of file a File backing needs for layout l (with
+// 4 KiB pages): the regions at increasing 2 MiB-aligned offsets.
+func FileSize(l Layout) int64 {
+	var n uint64
+	for _, r := range l {
+		n = alignUp(n+r.Size, hostAlign)
+	}
+	return int64(n)
+}
+
+func (m *Memory) closeFD() error {
+	if m.fd < 0 {
+		return nil
+	}
+	err := unix.Close(m.fd)
+	m.fd = -1
+	if err != nil {
+		return os.NewSyscallError("close", err)
+	}
+	return nil
+}
+
+// mapRegion maps r into the arena and applies the defaults.
+func (m *Memory) mapRegion(r *Region, c config) error {
+	var err error
+	size := int64(r.Size)
+	switch m.backing {
+	case Anonymous:
+		err = m.arena.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private())
+	case File:
+		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private())
+	default:
+		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
+	}
+	if err != nil {
+		return fmt.Errorf("guestmem: mapping region at %v: %w", r.GPA, err)
+	}
+	r.HostAddr = m.arena.Addr() + uintptr(r.ArenaOffset)
+	if err := m.arena.UseDontfork(r.ArenaOffset, size); err != nil {
+		return fmt.Errorf("guestmem: region at %v: %w", r.GPA, err)
+	}
+	if !c.noTHP && m.backing != Hugetlb {
+		if err := m.arena.UseHugepages(r.ArenaOffset, size); err != nil {
+			return fmt.Errorf("guestmem: region at %v: %w", r.GPA, err)
+		}
+	}
+	return nil
+}
+
+// Close unmaps guest RAM and closes the backing fd. It waits for accesses in
+// flight; later calls return ErrClosed, and Close itself returns nil again.
+func (m *Memory) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
+	m.closed = true
+	var err error
+	if m.arena != nil {
+		err = m.arena.Close()
+	}
+	return errors.Join(err, m.closeFD())
+}
+
+// Backing returns how guest RAM is backed.
+func (m *Memory) Backing() Backing { return m.backing }
+
+// FD returns the memfd or file backing guest RAM, for handing to another
+// process (vhost-user) with each region's FDOffset; -1 for Anonymous. It
+// stays owned by the Memory.
+func (m *Memory) FD() int { return m.fd }
+
+// PageSize returns the page size of the backing: 4 KiB, or the hugetlb page size.
+func (m *Memory) PageSize() uint64 { return m.pageSize }
+
+// Regions returns the regions, lowest address first.
+func (m *Memory) Regions() []Region { return slices.Clone(m.regions) }
+
+// Size returns the total bytes of guest RAM.
+func (m *Memory) Size() uint64 {
+	var n uint64
+	for _, r := range m.regions {
+		n += r.Size
+	}
+	return n
+}
+
+// find returns the index of the region containing a, in O(log n).
+func (m *Memory) find(a GuestAddress) (int, bool) {
+	i := sort.Search(len(m.regions), func(i int) bool { return m.regions[i].End() > a })
+	return i, i < len(m.regions) && m.regions[i].contains(a)
+}
+
+// Region returns the region containing a.
+func (m *Memory) Region(a GuestAddress) (Region, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return Region{}, fmt.Errorf("guestmem: Region: %w", ErrClosed)
+	}
+	i, ok := m.find(a)
+	if !ok {
+		return Region{}, &AddressError{Op: "Region", GPA: a, Len: 1, Err: ErrHole}
+	}
+	return m.regions[i], nil
+}
+
+// HostAddress returns the host virtual address of guest address a.
+func (m *Memory) HostAddress(a GuestAddress) (uintptr, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return 0, fmt.Errorf("guestmem: HostAddress: %w", ErrClosed)
+	}
+	i, ok := m.find(a)
+	if !ok {
+		return 0, &AddressError{Op: "HostAddress", GPA: a, Len: 1, Err: ErrHole}
+	}
+	r := m.regions[i]
+	return r.HostAddr + uintptr(a-r.GPA), nil
+}

@@ -1,0 +1,338 @@
+package guestmem_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/guestmem"
+)
+
+const mib = 1 << 20
+
+func newMemory(t testing.TB, l guestmem.Layout, opts ...guestmem.Option) *guestmem.Memory {
+	t.Helper()
+	m, err := guestmem.New(l, opts...)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close()) })
+	return m
+}
+
+func TestLayoutValidation(t *testing.T) {
+	const top = guestmem.MaxGuestAddress
+	for _, tc := range []struct {
+		name string
+		l    guestmem.Layout
+		err  error
+	}{
+		{"empty", nil, guestmem.ErrEmptyLayout},
+		{"zero size", guestmem.Layout{{GPA: 0, Size: 0}}, guestmem.ErrZeroSize},
+		{"unaligned address", guestmem.Layout{{GPA: 100, Size: 4096}}, guestmem.ErrUnaligned},
+		{"unaligned size", guestmem.Layout{{GPA: 0, Size: 4097}}, guestmem.ErrUnaligned},
+		{"overlap", guestmem.Layout{{GPA: 8192, Size: 8192}, {GPA: 0, Size: 12288}}, guestmem.ErrOverlap},
+		{"past the top", guestmem.Layout{{GPA: top - 4096, Size: 8192}}, guestmem.ErrOverflow},
+		{"overflowing 64 bits", guestmem.Layout{{GPA: 1 << 63, Size: 1 << 63}}, guestmem.ErrOverflow},
+		{"ok, unsorted, touching", guestmem.Layout{{GPA: 8192, Size: 4096}, {GPA: 0, Size: 8192}}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.l.Validate(4096, top)
+			if tc.err == nil {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, tc.err)
+			_, err = guestmem.New(tc.l)
+			require.ErrorIs(t, err, tc.err, "New validates too")
+		})
+	}
+	var le *guestmem.LayoutError
+	require.ErrorAs(t, guestmem.Layout{{GPA: 0, Size: 8192}, {GPA: 4096, Size: 4096}}.Validate(4096, top), &le)
+	require.Equal(t, 1, le.Index)
+	require.Equal(t, 0, le.Other)
+}
+
+func TestX86Layout(t *testing.T) {
+	require.Equal(t, guestmem.Layout{{GPA: 0, Size: 512 * mib}}, guestmem.X86Layout(512*mib))
+	require.Equal(t, guestmem.Layout{{GPA: 0, Size: 3 << 30}, {GPA: 4 << 30, Size: 1 << 30}},
+		guestmem.X86Layout(4<<30))
+	require.NoError(t, guestmem.X86Layout(8<<30).Validate(4096, guestmem.MaxGuestAddress))
+}
+
+// twoRegions is RAM at [0, 4 MiB) and [4 MiB, 6 MiB) (contiguous) and
+// [16 MiB, 18 MiB) after a hole.
+var twoRegions = guestmem.Layout{
+	{GPA: 16 * mib, Size: 2 * mib},
+	{GPA: 0, Size: 4 * mib},
+	{GPA: 4 * mib, Size: 2 * mib},
+}
+
+func TestBackings(t *testing.T) {
+	backings := []struct {
+		name string
+		opts func(t *testing.T) []guestmem.Option
+		fd   bool
+	}{
+		{"anonymous", func(*testing.T) []guestmem.Option { return nil }, false},
+		{"memfd", func(*testing.T) []guestmem.Option {
+			return []guestmem.Option{guestmem.WithBacking(guestmem.Memfd)}
+		}, true},
+		{"file", func(t *testing.T) []guestmem.Option {
+			path := filepath.Join(t.TempDir(), "ram")
+			data := bytes.Repeat([]byte{0x5a}, int(guestmem.FileSize(twoRegions)))
+			require.NoError(t, os.WriteFile(path, data, 0o600))
+			f, err := os.Open(path)
+			require.NoError(t, err)
+			t.Cleanup(func() { f.Close() })
+			return []guestmem.Option{guestmem.WithFile(f)}
+		}, true},
+	}
+	for _, b := range backings {
+		t.Run(b.name, func(t *testing.T) {
+			m := newMemory(t, twoRegions, b.opts(t)...)
+			regions := m.Regions()
+			require.Len(t, regions, 3)
+			require.Equal(t, guestmem.GuestAddress(0), regions[0].GPA, "sorted by address")
+			require.Equal(t, uint64(8*mib), m.Size())
+			for i, r := range regions {
+				require.Zero(t, r.HostAddr%(2*mib), "regions are 2 MiB aligned in the host")
+				st := smapsFlags(t, r.HostAddr)
+				require.Contains(t, st, "dd", "MADV_DONTDUMP")
+				require.Contains(t, st, "dc", "MADV_DONTFORK")
+				require.Contains(t, st, "hg", "transparent hugepages requested")
+				// Guard gaps: the host byte after each region is reserved.
+				require.Equal(t, "---p", mapsPerms(t, r.HostAddr+uintptr(r.Size)), "region %d", i)
+				require.Equal(t, "---p", mapsPerms(t, r.HostAddr-1), "region %d", i)
+			}
+			if b.fd {
+				require.GreaterOrEqual(t, m.FD(), 0)
+			} else {
+				require.Equal(t, -1, m.FD())
+			}
+		})
+	}
+}
+
+func TestMemfdIsSealedAndShared(t *testing.T) {
+	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	err := unix.Ftruncate(m.FD(), 0)
+	require.ErrorIs(t, err, unix.EPERM, "the memfd cannot shrink under the guest")
+	err = unix.Ftruncate(m.FD(), 1<<30)
+	require.ErrorIs(t, err, unix.EPERM, "nor grow")
+	// What the VMM writes, another process mapping the fd sees: check with pread.
+	require.NoError(t, m.WriteUint64(16*mib+8, 0xfeedface))
+	r, err := m.Region(16 * mib)
+	require.NoError(t, err)
+	buf := make([]byte, 8)
+	_, err = unix.Pread(m.FD(), buf, r.FDOffset+8)
+	require.NoError(t, err)
+	require.Equal(t, []byte{0xce, 0xfa, 0xed, 0xfe, 0, 0, 0, 0}, buf)
+}
+
+func TestFileBackingIsPrivateAndTooSmallIsAnError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ram")
+	require.NoError(t, os.WriteFile(path, bytes.Repeat([]byte{7}, int(guestmem.FileSize(twoRegions))), 0o600))
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	m := newMemory(t, twoRegions, guestmem.WithFile(f))
+	v, err := m.ReadUint32(4 * mib)
+	require.NoError(t, err)
+	require.Equal(t, uint32(0x07070707), v, "contents come from the file")
+	require.NoError(t, m.WriteUint32(4*mib, 1))
+	got := make([]byte, 4)
+	_, err = f.ReadAt(got, 4*mib)
+	require.NoError(t, err)
+	require.Equal(t, []byte{7, 7, 7, 7}, got, "the file is never modified")
+
+	small, err := os.Create(filepath.Join(t.TempDir(), "small"))
+	require.NoError(t, err)
+	defer small.Close()
+	_, err = guestmem.New(twoRegions, guestmem.WithFile(small))
+	require.ErrorIs(t, err, guestmem.ErrBacking)
+	_, err = guestmem.New(twoRegions, guestmem.WithBacking(guestmem.File))
+	require.ErrorIs(t, err, guestmem.ErrBacking)
+}
+
+func TestHugetlbBacking(t *testing.T) {
+	needHugetlbPages(t, 4)
+	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithHugetlb(2*mib))
+	require.Equal(t, uint64(2*mib), m.PageSize())
+	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{}))
+	st, err := m.Stats()
+	require.NoError(t, err)
+	require.Equal(t, uint64(4*mib), st[0].HugePages)
+	require.Contains(t, smapsFlags(t, m.Regions()[0].HostAddr), "ht")
+	require.ErrorIs(t, m.SetHugepages(false), guestmem.ErrBacking)
+
+	_, err = guestmem.New(guestmem.Layout{{GPA: 0, Size: 4096}}, guestmem.WithHugetlb(2*mib))
+	require.ErrorIs(t, err, guestmem.ErrUnaligned)
+	_, err = guestmem.New(guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithHugetlb(3*mib))
+	require.ErrorIs(t, err, guestmem.ErrBacking)
+}
+
+func TestHugetlbExhaustionIsAnErrorNotSIGBUS(t *testing.T) {
+	needHugetlbPages(t, 1)
+	// Far more 2 MiB pages than any test pool holds: the error comes at New
+	// (hugetlb reserves at mmap) or at Prefault, never as a SIGBUS.
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 64 << 30}}, guestmem.WithHugetlb(2*mib))
+	if err == nil {
+		defer m.Close()
+		err = m.Prefault(context.Background(), guestmem.PrefaultOptions{})
+	}
+	require.Error(t, err)
+	require.True(t, errors.Is(err, unix.ENOMEM) || errors.Is(err, arena.ErrFault), "%v", err)
+}
+
+func TestPrefault(t *testing.T) {
+	for _, b := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
+		t.Run(b.String(), func(t *testing.T) {
+			m := newMemory(t, twoRegions, guestmem.WithBacking(b))
+			var calls int
+			var last, total uint64
+			err := m.Prefault(context.Background(), guestmem.PrefaultOptions{
+				Workers: 3, ChunkSize: 1 * mib,
+				Progress: func(done, tot uint64) {
+					calls++
+					require.Greater(t, done, last, "progress only grows")
+					last, total = done, tot
+				},
+			})
+			require.NoError(t, err)
+			require.Equal(t, m.Size(), total)
+			require.Equal(t, m.Size(), last)
+			require.Equal(t, 4, calls, "chunks round up to 2 MiB: 8 MiB is 4 chunks")
+			st, err := m.Stats()
+			require.NoError(t, err)
+			for _, r := range st {
+				require.Equal(t, r.Size, r.Resident, "region %v", r.GPA)
+			}
+		})
+	}
+}
+
+func TestPrefaultSpansAndCancel(t *testing.T) {
+	m := newMemory(t, twoRegions)
+	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{
+		Spans: []guestmem.Span{{GPA: 2 * mib, Size: 4 * mib}}, // crosses the contiguous boundary at 4 MiB
+	}))
+	st, err := m.Stats()
+	require.NoError(t, err)
+	require.Equal(t, []uint64{2 * mib, 2 * mib, 0}, []uint64{st[0].Resident, st[1].Resident, st[2].Resident})
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	fresh := newMemory(t, twoRegions)
+	err = fresh.Prefault(ctx, guestmem.PrefaultOptions{})
+	require.ErrorIs(t, err, context.Canceled)
+	st, err = fresh.Stats()
+	require.NoError(t, err)
+	require.Zero(t, st[0].Resident+st[1].Resident+st[2].Resident, "a cancelled prefault did no work")
+
+	err = m.Prefault(context.Background(), guestmem.PrefaultOptions{Spans: []guestmem.Span{{GPA: 6 * mib, Size: mib}}})
+	require.ErrorIs(t, err, guestmem.ErrHole)
+	err = m.Prefault(context.Background(), guestmem.PrefaultOptions{Spans: []guestmem.Span{{GPA: 100, Size: mib}}})
+	require.ErrorIs(t, err, guestmem.ErrUnaligned)
+}
+
+func TestPolicy(t *testing.T) {
+	m := newMemory(t, twoRegions)
+	require.NoError(t, m.LockOnFault(guestmem.Span{GPA: 0, Size: 6 * mib}))
+	require.NoError(t, m.WriteUint64(0, 1))
+	require.NoError(t, m.WriteUint64(5*mib, 1))
+	st, err := m.Stats()
+	require.NoError(t, err)
+	require.Positive(t, st[0].Locked)
+	require.Positive(t, st[1].Locked)
+	require.Zero(t, st[2].Locked)
+	require.ErrorIs(t, m.DropPageCache(), arena.ErrLocked)
+	require.NoError(t, m.Unlock())
+	require.NoError(t, m.DropPageCache())
+	v, err := m.ReadUint64(0)
+	require.NoError(t, err)
+	require.Zero(t, v, "dropped private memory reads zeros")
+
+	require.NoError(t, m.SetHugepages(false, guestmem.Span{GPA: 16 * mib, Size: 2 * mib}))
+	require.Contains(t, smapsFlags(t, m.Regions()[2].HostAddr), "nh")
+	require.NoError(t, m.Prefetch())
+}
+
+func TestClosed(t *testing.T) {
+	m, err := guestmem.New(twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	require.NoError(t, err)
+	fd := m.FD()
+	require.NoError(t, m.Close())
+	require.NoError(t, m.Close())
+	_, err = unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	require.ErrorIs(t, err, unix.EBADF, "the memfd is closed")
+	_, err = m.ReadAt(make([]byte, 1), 0)
+	require.ErrorIs(t, err, guestmem.ErrClosed)
+	_, err = m.HostAddress(0)
+	require.ErrorIs(t, err, guestmem.ErrClosed)
+	require.ErrorIs(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{}), guestmem.ErrClosed)
+}
+
+// smapsFlags returns the VmFlags of the VMA containing addr.
+func smapsFlags(t testing.TB, addr uintptr) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/smaps")
+	require.NoError(t, err)
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if lo, hi, ok := strings.Cut(f[0], "-"); ok && len(f) >= 5 {
+			l, err1 := strconv.ParseUint(lo, 16, 64)
+			h, err2 := strconv.ParseUint(hi, 16, 64)
+			in = err1 == nil && err2 == nil && uintptr(l) <= addr && addr < uintptr(h)
+			continue
+		}
+		if in && f[0] == "VmFlags:" {
+			return f[1:]
+		}
+	}
+	t.Fatalf("no VMA at %#x", addr)
+	return nil
+}
+
+// mapsPerms returns the permissions of the VMA containing addr, "" if none.
+func mapsPerms(t testing.TB, addr uintptr) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		lo, hi, _ := strings.Cut(f[0], "-")
+		l, _ := strconv.ParseUint(lo, 16, 64)
+		h, _ := strconv.ParseUint(hi, 16, 64)
+		if uintptr(l) <= addr && addr < uintptr(h) {
+			return f[1]
+		}
+	}
+	return ""
+}
+
+func needHugetlbPages(t testing.TB, n int) {
+	t.Helper()
+	b, err := os.ReadFile("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+	if err != nil {
+		t.Skipf("no 2 MiB hugetlb pool: %v", err)
+	}
+	free, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if free < n {
+		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
+	}
+}

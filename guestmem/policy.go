@@ -1,0 +1,242 @@
+package guestmem
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gmem-vmm/gmem/arena"
+)
+
+// Span is a guest-physical range for the memory-policy calls. It may cross
+// region boundaries where regions are contiguous; it must be page-aligned.
+type Span struct {
+	GPA  GuestAddress
+	Size uint64
+}
+
+// spans resolves the spans (none: the whole guest) to arena pieces,
+// checking alignment to the backing's page size. The caller holds m.mu.
+func (m *Memory) spans(op string, spans []Span) ([]piece, error) {
+	if m.closed {
+		return nil, fmt.Errorf("guestmem: %s: %w", op, ErrClosed)
+	}
+	if len(spans) == 0 {
+		all := make([]piece, len(m.regions))
+		for i, r := range m.regions {
+			all[i] = piece{region: i, off: r.ArenaOffset, n: int64(r.Size)}
+		}
+		return all, nil
+	}
+	var out []piece
+	for _, s := range spans {
+		if s.Size == 0 {
+			return nil, &AddressError{Op: op, GPA: s.GPA, Err: ErrZeroSize}
+		}
+		if uint64(s.GPA)%m.pageSize != 0 || s.Size%m.pageSize != 0 {
+			return nil, &AddressError{Op: op, GPA: s.GPA, Len: s.Size,
+				Err: fmt.Errorf("%w (page size %#x)", ErrUnaligned, m.pageSize)}
+		}
+		ps, err := m.resolve(op, s.GPA, s.Size)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ps...)
+	}
+	return out, nil
+}
+
+// each applies fn to the arena pieces of the spans.
+func (m *Memory) each(op string, spans []Span, fn func(off, n int64) error) error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.spans(op, spans)
+	if err != nil {
+		return err
+	}
+	for _, pc := range pieces {
+		if err := fn(pc.off, pc.n); err != nil {
+			return fmt.Errorf("guestmem: %s: region at %v: %w", op, m.regions[pc.region].GPA, err)
+		}
+	}
+	return nil
+}
+
+// Prefetch starts readahead of the spans (the whole guest if none) without
+// waiting for it (MADV_WILLNEED): useful for file-backed guest RAM.
+func (m *Memory) Prefetch(spans ...Span) error {
+	return m.each("Prefetch", spans, m.arena.Prefetch)
+}
+
+// DropPageCache discards the spans' pages from the host mapping
+// (MADV_DONTNEED); see arena.Mapping.DropPageCache. Locked pages: an error
+// wrapping arena.ErrLocked.
+func (m *Memory) DropPageCache(spans ...Span) error {
+	return m.each("DropPageCache", spans, m.arena.DropPageCache)
+}
+
+// LockOnFault locks the spans in memory as they are touched
+// (mlock2(MLOCK_ONFAULT)). Past RLIMIT_MEMLOCK the error gives the limit and
+// the request.
+func (m *Memory) LockOnFault(spans ...Span) error {
+	return m.each("LockOnFault", spans, m.arena.LockOnFault)
+}
+
+// Unlock unlocks the spans.
+func (m *Memory) Unlock(spans ...Span) error {
+	return m.each("Unlock", spans, m.arena.Unlock)
+}
+
+// SetHugepages asks for (on) or forbids (off) transparent hugepages over the
+// spans (MADV_HUGEPAGE / MADV_NOHUGEPAGE). Hugetlb memory is always huge:
+// the call is an error there.
+func (m *Memory) SetHugepages(on bool, spans ...Span) error {
+	if m.backing == Hugetlb {
+		return fmt.Errorf("guestmem: SetHugepages: %w: hugetlb memory is always huge", ErrBacking)
+	}
+	fn := m.arena.NoHugepages
+	if on {
+		fn = m.arena.UseHugepages
+	}
+	return m.each("SetHugepages", spans, fn)
+}
+
+// PrefaultOptions tunes Prefault.
+type PrefaultOptions struct {
+	// Workers populating in parallel; 0 means runtime.GOMAXPROCS(0).
+	Workers int
+	// ChunkSize is the unit of work, rounded up to a multiple of 2 MiB (and
+	// of the hugetlb page size) so hugepages are never split; 0 means 64 MiB.
+	ChunkSize uint64
+	// Spans to prefault; none means the whole guest.
+	Spans []Span
+	// Progress, if set, is called after each chunk with the bytes done and
+	// the total, from one goroutine at a time.
+	Progress func(done, total uint64)
+}
+
+// DefaultPrefaultChunk is the default PrefaultOptions.ChunkSize.
+const DefaultPrefaultChunk = 64 << 20
+
+// Prefault populates guest memory before the guest runs, so neither the guest
+// nor the VMM takes a page fault on it later: MADV_POPULATE_WRITE over
+// hugepage-aligned chunks, by parallel workers (arena.Mapping.Populate falls
+// back to touching pages on kernels before 5.14). Running out of memory or
+// of hugetlb pages is returned here, never raised later as SIGBUS. Cancelling
+// ctx stops the workers after their current chunk; the error then wraps
+// ctx.Err().
+func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	pieces, err := m.spans("Prefault", o.Spans)
+	if err != nil {
+		return err
+	}
+	workers := o.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	align := max(uint64(hostAlign), m.pageSize)
+	chunk := o.ChunkSize
+	if chunk == 0 {
+		chunk = DefaultPrefaultChunk
+	}
+	chunk = alignUp(chunk, align)
+
+	// Cut every piece into chunks that end on chunk-aligned arena offsets
+	// (arena offsets of regions are 2 MiB aligned, so chunks are too).
+	type job struct{ off, n int64 }
+	var jobs []job
+	var total uint64
+	for _, pc := range pieces {
+		for off, end := pc.off, pc.off+pc.n; off < end; {
+			next := min(end, (off/int64(chunk)+1)*int64(chunk))
+			jobs = append(jobs, job{off, next - off})
+			off = next
+		}
+		total += uint64(pc.n)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		next     atomic.Int64
+		done     atomic.Uint64
+		progress sync.Mutex
+		errOnce  sync.Once
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err; cancel() })
+	}
+	for w := 0; w < min(workers, len(jobs)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				i := int(next.Add(1)) - 1
+				if i >= len(jobs) {
+					return
+				}
+				j := jobs[i]
+				if err := m.arena.Populate(j.off, j.n, arena.PopulateWrite); err != nil {
+					fail(fmt.Errorf("guestmem: Prefault: %w", err))
+					return
+				}
+				// Count and report under one lock, so reports never go backwards.
+				progress.Lock()
+				d := done.Add(uint64(j.n))
+				if o.Progress != nil {
+					o.Progress(d, total)
+				}
+				progress.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := ctx.Err(); err != nil && done.Load() < total {
+		return fmt.Errorf("guestmem: Prefault stopped after %d of %d bytes: %w", done.Load(), total, context.Cause(ctx))
+	}
+	return nil
+}
+
+// RegionStats is what the host kernel reports for one region.
+type RegionStats struct {
+	GPA       GuestAddress
+	Size      uint64
+	Resident  uint64 // bytes resident (mincore)
+	Locked    uint64 // bytes locked (smaps Locked)
+	HugePages uint64 // bytes mapped by huge pages: THP, shmem PMD or hugetlb
+}
+
+// Stats reports, per region, resident, locked and hugepage-backed bytes.
+func (m *Memory) Stats() ([]RegionStats, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return nil, fmt.Errorf("guestmem: Stats: %w", ErrClosed)
+	}
+	out := make([]RegionStats, len(m.regions))
+	for i, r := range m.regions {
+		res, err := m.arena.ResidentBytes(r.ArenaOffset, int64(r.Size))
+		if err != nil {
+			return nil, err
+		}
+		st, err := m.arena.StatsRange(r.ArenaOffset, int64(r.Size))
+		if err != nil {
+			return nil, err
+		}
+		huge := st.AnonHugePages + st.ShmemPmdMapped + st.FilePmdMapped
+		if m.backing == Hugetlb {
+			huge = res
+		}
+		out[i] = RegionStats{GPA: r.GPA, Size: r.Size, Resident: uint64(res), Locked: uint64(st.Locked),
+			HugePages: uint64(huge)}
+	}
+	return out, nil
+}
