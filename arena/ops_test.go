@@ -219,6 +219,7 @@ func TestHugetlbMapping(t *testing.T) {
 	require.NoError(t, m.Populate(0, 2*huge, arena.PopulateWrite))
 	st := stats(t, m, 0, 2*huge)
 	require.True(t, st.HasFlag("ht"), "VmFlags %v", st.VMAs[0].Flags)
+	require.Equal(t, int64(2*huge), st.Hugetlb, "hugetlb memory is counted apart from Rss")
 	require.ErrorIs(t, m.Prefetch(0, page), arena.ErrUnaligned, "ranges over hugetlb memory are hugepage-granular")
 
 	_, err = arena.NewAnon(huge+page, arena.HugeTLB(huge))

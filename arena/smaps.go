@@ -20,6 +20,7 @@ type Stats struct {
 	AnonHugePages  int64 // anonymous memory backed by transparent hugepages
 	ShmemPmdMapped int64 // shmem/memfd memory mapped with huge PMDs
 	FilePmdMapped  int64 // file memory mapped with huge PMDs
+	Hugetlb        int64 // hugetlb memory mapped (Shared_Hugetlb + Private_Hugetlb; not in Rss)
 	Swap           int64 // bytes swapped out
 	VMAs           []VMA // the VMAs, lowest address first
 }
@@ -130,6 +131,8 @@ func readSmaps(start, end uintptr) (Stats, error) {
 			st.ShmemPmdMapped += b
 		case "FilePmdMapped":
 			st.FilePmdMapped += b
+		case "Shared_Hugetlb", "Private_Hugetlb":
+			st.Hugetlb += b
 		case "Swap":
 			st.Swap += b
 		}

@@ -262,10 +262,15 @@ func (m *Memory) mapRegion(r *Region, c config) error {
 	var err error
 	size := int64(r.Size)
 	switch m.backing {
+	// Private memory is mapped MAP_NORESERVE, as Firecracker does: a guest
+	// may be larger than the host's commit limit, and running short is
+	// reported by Prefault (or, unprefaulted, by the kernel's OOM handling)
+	// rather than refused up front for memory the guest may never touch.
 	case Anonymous:
-		err = m.arena.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private())
+		err = m.arena.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private(), arena.NoReserve())
 	case File:
-		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private())
+		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private(),
+			arena.NoReserve())
 	default:
 		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
 	}

@@ -336,3 +336,22 @@ func needHugetlbPages(t testing.TB, n int) {
 		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
 	}
 }
+
+// TestGuestLargerThanHost makes a guest bigger than this machine's RAM and
+// commit limit: setup must succeed, as it does for Firecracker, and cost no
+// memory until the guest touches it.
+func TestGuestLargerThanHost(t *testing.T) {
+	for _, b := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
+		t.Run(b.String(), func(t *testing.T) {
+			m := newMemory(t, guestmem.X86Layout(256<<30), guestmem.WithBacking(b))
+			require.NoError(t, m.WriteUint64(200<<30, 1))
+			st, err := m.Stats()
+			require.NoError(t, err)
+			var resident uint64
+			for _, r := range st {
+				resident += r.Resident
+			}
+			require.LessOrEqual(t, resident, uint64(2*mib), "only the touched page (or its hugepage) is resident")
+		})
+	}
+}

@@ -209,7 +209,7 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 type RegionStats struct {
 	GPA       GuestAddress
 	Size      uint64
-	Resident  uint64 // bytes resident (mincore)
+	Resident  uint64 // bytes of the region mapped in this process (smaps Rss, plus hugetlb)
 	Locked    uint64 // bytes locked (smaps Locked)
 	HugePages uint64 // bytes mapped by huge pages: THP, shmem PMD or hugetlb
 }
@@ -223,20 +223,15 @@ func (m *Memory) Stats() ([]RegionStats, error) {
 	}
 	out := make([]RegionStats, len(m.regions))
 	for i, r := range m.regions {
-		res, err := m.arena.ResidentBytes(r.ArenaOffset, int64(r.Size))
-		if err != nil {
-			return nil, err
-		}
+		// smaps, not mincore: its cost does not grow with the guest's size.
 		st, err := m.arena.StatsRange(r.ArenaOffset, int64(r.Size))
 		if err != nil {
 			return nil, err
 		}
-		huge := st.AnonHugePages + st.ShmemPmdMapped + st.FilePmdMapped
-		if m.backing == Hugetlb {
-			huge = res
-		}
-		out[i] = RegionStats{GPA: r.GPA, Size: r.Size, Resident: uint64(res), Locked: uint64(st.Locked),
-			HugePages: uint64(huge)}
+		out[i] = RegionStats{GPA: r.GPA, Size: r.Size,
+			Resident:  uint64(st.Rss + st.Hugetlb),
+			Locked:    uint64(st.Locked),
+			HugePages: uint64(st.AnonHugePages + st.ShmemPmdMapped + st.FilePmdMapped + st.Hugetlb)}
 	}
 	return out, nil
 }
