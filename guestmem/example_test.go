@@ -1,0 +1,79 @@
+package guestmem_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+
+	"github.com/gmem-vmm/gmem/guestmem"
+)
+
+// Building guest RAM with the x86 layout, backed by a sealed memfd that a
+// vhost-user device could map.
+func ExampleNew() {
+	m, err := guestmem.New(guestmem.X86Layout(4<<30), guestmem.WithBacking(guestmem.Memfd))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	for _, r := range m.Regions() {
+		fmt.Printf("guest %v +%#x at memfd offset %#x\n", r.GPA, r.Size, r.FDOffset)
+	}
+	// Output:
+	// guest 0x0 +0xc0000000 at memfd offset 0x0
+	// guest 0x100000000 +0x40000000 at memfd offset 0xc0000000
+}
+
+// A device model reading a descriptor the guest placed in RAM: addresses come
+// from the guest, so anything outside RAM is an error, never a stray access.
+func ExampleMemory_ReadValue() {
+	m, err := guestmem.New(guestmem.X86Layout(64 << 20))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	type descriptor struct {
+		Addr  uint64
+		Len   uint32
+		Flags uint16
+		Next  uint16
+	}
+	_ = m.WriteValue(0x1000, descriptor{Addr: 0x2000, Len: 512, Flags: 1, Next: 3})
+
+	var d descriptor
+	if err := m.ReadValue(0x1000, &d); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Printf("%+v\n", d)
+
+	err = m.ReadValue(64<<20, &d) // just past RAM
+	fmt.Println(errors.Is(err, guestmem.ErrHole))
+	// Output:
+	// {Addr:8192 Len:512 Flags:1 Next:3}
+	// true
+}
+
+// Prefaulting guest RAM in parallel before the guest runs.
+func ExampleMemory_Prefault() {
+	m, err := guestmem.New(guestmem.X86Layout(256 << 20))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	err = m.Prefault(context.Background(), guestmem.PrefaultOptions{
+		Progress: func(done, total uint64) {
+			if done == total {
+				fmt.Printf("prefaulted %d MiB\n", total>>20)
+			}
+		},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	st, _ := m.Stats()
+	fmt.Println(st[0].Resident == st[0].Size)
+	// Output:
+	// prefaulted 256 MiB
+	// true
+}
