@@ -118,27 +118,29 @@ func BenchmarkPrefault4GiB(b *testing.B) {
 	}
 }
 
-// parallelOverRegions splits every region into workers equal, page-aligned
-// parts and runs fn on them from that many goroutines.
+// parallelOverRegions splits every region into workers equal, 2 MiB-aligned
+// parts and runs fn on them from exactly workers goroutines: goroutine w
+// takes part w of each region in turn.
 func parallelOverRegions(m *guestmem.Memory, workers int, fn func(addr uintptr, n uint64) error) error {
 	var wg sync.WaitGroup
-	errs := make(chan error, workers*len(m.Regions()))
-	for _, r := range m.Regions() {
-		part := (r.Size / uint64(workers)) &^ (2<<20 - 1)
-		for w := 0; w < workers; w++ {
-			off := uint64(w) * part
-			n := part
-			if w == workers-1 {
-				n = r.Size - off
-			}
-			wg.Add(1)
-			go func(addr uintptr, n uint64) {
-				defer wg.Done()
-				if err := fn(addr, n); err != nil {
-					errs <- err
+	errs := make(chan error, workers)
+	regions := m.Regions()
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for _, r := range regions {
+				part := (r.Size / uint64(workers)) &^ (2<<20 - 1)
+				off, n := uint64(w)*part, part
+				if w == workers-1 {
+					n = r.Size - off
 				}
-			}(r.HostAddr+uintptr(off), n)
-		}
+				if err := fn(r.HostAddr+uintptr(off), n); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(w)
 	}
 	wg.Wait()
 	close(errs)
