@@ -18,8 +18,8 @@ import (
 // The op engine below drives an arena and a plain reference model with the
 // same operations, and checks after each one that the arena's result, its
 // Mappings(), /proc/self/maps and the memory's contents all agree with the
-// model. FuzzArenaOps feeds it fuzz input; TestArenaOpsRandom and the guard
-// test feed it pseudo-random input.
+// model. fzRun (fuzz_test.go) drives it: FuzzArenaOps with fuzz input,
+// TestArenaOpsRandom and the guard test with pseudo-random input.
 
 const modelPages = 32
 
@@ -86,16 +86,6 @@ func (in *input) next() byte {
 func (in *input) empty() bool { return len(in.b) == 0 }
 
 var prots = []arena.Protection{arena.ProtNone, arena.ProtRead, arena.ProtReadWrite}
-
-// run decodes and applies operations until the input is used up or max ops
-// have run, checking the arena against the model after each.
-func (e *engine) run(in *input, max int) {
-	for i := 0; i < max && !in.empty(); i++ {
-		e.apply(in)
-		e.checkLayout()
-	}
-	e.checkData()
-}
 
 // rangeArg decodes a page-granular (offset, length), sometimes out of range,
 // unaligned or empty.
