@@ -190,19 +190,8 @@ func (e *engine) fzWrite(off, n int64, val byte) {
 			}
 		}
 	} else {
-		op := fmt.Sprintf("WriteAt(%#x, %#x)", off, n)
 		got, err := e.a.WriteAt(bytes.Repeat([]byte{val}, int(n)), off)
-		switch {
-		case n == 0:
-			e.expect(op, err, nil)
-		case off < 0:
-			e.expect(op, err, []error{arena.ErrOutOfRange})
-		default:
-			e.expect(op, err, []error{arena.ErrOutOfRange, arena.ErrOverflow})
-		}
-		if got != 0 {
-			e.t.Fatalf("step %d: %s wrote %d bytes, want 0", e.step, op, got)
-		}
+		e.expectOutside(fmt.Sprintf("WriteAt(%#x, %#x)", off, n), off, n, got, err)
 	}
 	if after := e.fzMemfd(); !bytes.Equal(fd, after) {
 		i := 0
@@ -223,8 +212,14 @@ func (e *engine) fzRead(off, n int64) {
 		e.read(off, n)
 		return
 	}
-	op := fmt.Sprintf("ReadAt(%#x, %#x)", off, n)
 	got, err := e.a.ReadAt(make([]byte, n), off)
+	e.expectOutside(fmt.Sprintf("ReadAt(%#x, %#x)", off, n), off, n, got, err)
+}
+
+// expectOutside checks an access that starts outside [0, size]: it must move
+// nothing, and fail as out of range (or overflowing) unless n is 0.
+func (e *engine) expectOutside(op string, off, n int64, got int, err error) {
+	e.t.Helper()
 	switch {
 	case n == 0:
 		e.expect(op, err, nil)
@@ -234,7 +229,7 @@ func (e *engine) fzRead(off, n int64) {
 		e.expect(op, err, []error{arena.ErrOutOfRange, arena.ErrOverflow})
 	}
 	if got != 0 {
-		e.t.Fatalf("step %d: %s read %d bytes, want 0", e.step, op, got)
+		e.t.Fatalf("step %d: %s moved %d bytes, want 0", e.step, op, got)
 	}
 }
 

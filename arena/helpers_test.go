@@ -2,8 +2,6 @@ package arena_test
 
 import (
 	"os"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -53,21 +51,6 @@ func stats(t testing.TB, m *arena.Mapping, off, n int64) arena.Stats {
 	require.NoError(t, err)
 	require.NotEmpty(t, st.VMAs)
 	return st
-}
-
-// needHugetlbPages skips unless the 2 MiB hugetlb pool has n free pages.
-// .ci/run sets up such a pool; on a developer machine:
-// echo 64 > /proc/sys/vm/nr_hugepages.
-func needHugetlbPages(t testing.TB, n int) {
-	t.Helper()
-	b, err := os.ReadFile("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-	if err != nil {
-		t.Skipf("no 2 MiB hugetlb pool on this host: %v", err)
-	}
-	free, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	if free < n {
-		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
-	}
 }
 
 // mapsPerms returns the permissions of the VMA containing addr, "" if none.

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 // Each operation is checked by what the kernel shows afterwards (mincore,
@@ -210,7 +211,7 @@ func TestMsyncWritesThroughToFile(t *testing.T) {
 }
 
 func TestHugetlbMapping(t *testing.T) {
-	needHugetlbPages(t, 4)
+	testenv.NeedHugetlbPages(t, 4)
 	const huge = 2 << 20
 	m, err := arena.NewAnon(2*huge, arena.Private(), arena.HugeTLB(huge))
 	require.NoError(t, err)
@@ -229,7 +230,7 @@ func TestHugetlbMapping(t *testing.T) {
 }
 
 func TestHugetlbPoolExhaustionIsAnError(t *testing.T) {
-	needHugetlbPages(t, 1)
+	testenv.NeedHugetlbPages(t, 1)
 	const huge = 2 << 20
 	// Reserve nothing up front, then ask for far more pages than any test
 	// pool has: populating must fail with an error, not kill the process.
@@ -278,7 +279,7 @@ func TestCloseIsIdempotentAndLaterCallsSayClosed(t *testing.T) {
 // reservation on, fails with ENOMEM) and checks that the over-sized
 // PROT_NONE reservation made for alignment is gone: crosvm leaks it.
 func TestFailedAlignedMappingReleasesItsReservation(t *testing.T) {
-	needHugetlbPages(t, 1)
+	testenv.NeedHugetlbPages(t, 1)
 	const huge = 2 << 20
 	const size = 64 << 30 // far more than any test pool
 	// A failed MAP_FIXED may have unmapped part of the reservation first, so

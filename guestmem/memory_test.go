@@ -6,8 +6,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -15,6 +13,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 const mib = 1 << 20
@@ -163,7 +162,7 @@ func TestFileBackingIsPrivateAndTooSmallIsAnError(t *testing.T) {
 }
 
 func TestHugetlbBacking(t *testing.T) {
-	needHugetlbPages(t, 4)
+	testenv.NeedHugetlbPages(t, 4)
 	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithHugetlb(2*mib))
 	require.Equal(t, uint64(2*mib), m.PageSize())
 	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{}))
@@ -180,7 +179,7 @@ func TestHugetlbBacking(t *testing.T) {
 }
 
 func TestHugetlbExhaustionIsAnErrorNotSIGBUS(t *testing.T) {
-	needHugetlbPages(t, 1)
+	testenv.NeedHugetlbPages(t, 1)
 	// Far more 2 MiB pages than any test pool holds: the error comes at New
 	// (hugetlb reserves at mmap) or at Prefault, never as a SIGBUS.
 	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 64 << 30}}, guestmem.WithHugetlb(2*mib))
@@ -283,75 +282,14 @@ func TestClosed(t *testing.T) {
 // smapsFlags returns the VmFlags of the VMA containing addr.
 func smapsFlags(t testing.TB, addr uintptr) []string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/smaps")
-	require.NoError(t, err)
-	in := false
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 {
-			continue
-		}
-		if lo, hi, ok := strings.Cut(f[0], "-"); ok && len(f) >= 5 {
-			l, err1 := strconv.ParseUint(lo, 16, 64)
-			h, err2 := strconv.ParseUint(hi, 16, 64)
-			in = err1 == nil && err2 == nil && uintptr(l) <= addr && addr < uintptr(h)
-			continue
-		}
-		if in && f[0] == "VmFlags:" {
-			return f[1:]
-		}
-	}
-	t.Fatalf("no VMA at %#x", addr)
-	return nil
+	v, ok := testenv.VMAAt(t, addr)
+	require.True(t, ok, "no VMA at %#x", addr)
+	return v.Flags
 }
 
 // mapsPerms returns the permissions of the VMA containing addr, "" if none.
 func mapsPerms(t testing.TB, addr uintptr) string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/maps")
-	require.NoError(t, err)
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		lo, hi, _ := strings.Cut(f[0], "-")
-		l, _ := strconv.ParseUint(lo, 16, 64)
-		h, _ := strconv.ParseUint(hi, 16, 64)
-		if uintptr(l) <= addr && addr < uintptr(h) {
-			return f[1]
-		}
-	}
-	return ""
-}
-
-func needHugetlbPages(t testing.TB, n int) {
-	t.Helper()
-	b, err := os.ReadFile("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-	if err != nil {
-		t.Skipf("no 2 MiB hugetlb pool: %v", err)
-	}
-	free, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	if free < n {
-		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
-	}
-}
-
-// TestGuestLargerThanHost makes a guest bigger than this machine's RAM and
-// commit limit: setup must succeed, as it does for Firecracker, and cost no
-// memory until the guest touches it.
-func TestGuestLargerThanHost(t *testing.T) {
-	for _, b := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
-		t.Run(b.String(), func(t *testing.T) {
-			m := newMemory(t, guestmem.X86Layout(256<<30), guestmem.WithBacking(b))
-			require.NoError(t, m.WriteUint64(200<<30, 1))
-			st, err := m.Stats()
-			require.NoError(t, err)
-			var resident uint64
-			for _, r := range st {
-				resident += r.Resident
-			}
-			require.LessOrEqual(t, resident, uint64(2*mib), "only the touched page (or its hugepage) is resident")
-		})
-	}
+	v, _ := testenv.VMAAt(t, addr)
+	return v.Perms
 }

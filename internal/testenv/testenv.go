@@ -1,0 +1,61 @@
+// Package testenv holds the test helpers that more than one package needs:
+// what the host offers (a hugetlb pool) and what /proc says about a mapping.
+package testenv
+
+import (
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// NeedHugetlbPages skips t unless the 2 MiB hugetlb pool has n free pages,
+// saying how to make one. .ci/run sets up such a pool.
+func NeedHugetlbPages(t testing.TB, n int) {
+	t.Helper()
+	b, err := os.ReadFile("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+	if err != nil {
+		t.Skipf("no 2 MiB hugetlb pool on this host: %v", err)
+	}
+	free, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if free < n {
+		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
+	}
+}
+
+// VMA is one kernel memory area of this process, from /proc/self/smaps.
+type VMA struct {
+	Start, End uintptr
+	Perms      string   // e.g. "rw-p"
+	Flags      []string // VmFlags mnemonics, e.g. "dd", "hg"
+}
+
+// VMAAt returns the VMA containing addr; ok is false if addr is unmapped.
+func VMAAt(t testing.TB, addr uintptr) (v VMA, ok bool) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if lo, hi, isRange := strings.Cut(f[0], "-"); isRange && len(f) >= 5 {
+			l, err1 := strconv.ParseUint(lo, 16, 64)
+			h, err2 := strconv.ParseUint(hi, 16, 64)
+			if ok { // the VMA we wanted is complete
+				return v, true
+			}
+			if err1 == nil && err2 == nil && uintptr(l) <= addr && addr < uintptr(h) {
+				v, ok = VMA{Start: uintptr(l), End: uintptr(h), Perms: f[1]}, true
+			}
+			continue
+		}
+		if ok && f[0] == "VmFlags:" {
+			v.Flags = f[1:]
+		}
+	}
+	return v, ok
+}
