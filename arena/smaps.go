@@ -32,6 +32,8 @@ type VMA struct {
 	Flags      []string // the VmFlags mnemonics, e.g. "rd", "wr", "lf", "hg", "dd"
 	Rss        int64
 	Locked     int64
+	HugePages  int64 // AnonHugePages + ShmemPmdMapped + FilePmdMapped + hugetlb
+	Hugetlb    int64 // Shared_Hugetlb + Private_Hugetlb
 }
 
 // HasFlag reports whether every VMA carries the VmFlags mnemonic f (see
@@ -127,12 +129,17 @@ func readSmaps(start, end uintptr) (Stats, error) {
 			st.Locked += b
 		case "AnonHugePages":
 			st.AnonHugePages += b
+			cur.HugePages += b
 		case "ShmemPmdMapped":
 			st.ShmemPmdMapped += b
+			cur.HugePages += b
 		case "FilePmdMapped":
 			st.FilePmdMapped += b
+			cur.HugePages += b
 		case "Shared_Hugetlb", "Private_Hugetlb":
 			st.Hugetlb += b
+			cur.Hugetlb += b
+			cur.HugePages += b
 		case "Swap":
 			st.Swap += b
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+	"sort"
 	"sync"
 	"sync/atomic"
 
@@ -221,17 +222,28 @@ func (m *Memory) Stats() ([]RegionStats, error) {
 	if m.closed {
 		return nil, fmt.Errorf("guestmem: Stats: %w", ErrClosed)
 	}
+	// One read of smaps for the whole arena: the guard gaps keep every VMA
+	// within one region, so each is attributed by its start address. The
+	// cost does not grow with the guest's size (mincore's would).
+	st, err := m.arena.Stats()
+	if err != nil {
+		return nil, err
+	}
 	out := make([]RegionStats, len(m.regions))
 	for i, r := range m.regions {
-		// smaps, not mincore: its cost does not grow with the guest's size.
-		st, err := m.arena.StatsRange(r.ArenaOffset, int64(r.Size))
-		if err != nil {
-			return nil, err
+		out[i] = RegionStats{GPA: r.GPA, Size: r.Size}
+	}
+	for _, v := range st.VMAs {
+		i := sort.Search(len(m.regions), func(i int) bool {
+			r := m.regions[i]
+			return r.HostAddr+uintptr(r.Size) > v.Start
+		})
+		if i == len(m.regions) || v.Start < m.regions[i].HostAddr {
+			continue // a guard gap
 		}
-		out[i] = RegionStats{GPA: r.GPA, Size: r.Size,
-			Resident:  uint64(st.Rss + st.Hugetlb),
-			Locked:    uint64(st.Locked),
-			HugePages: uint64(st.AnonHugePages + st.ShmemPmdMapped + st.FilePmdMapped + st.Hugetlb)}
+		out[i].Resident += uint64(v.Rss + v.Hugetlb)
+		out[i].Locked += uint64(v.Locked)
+		out[i].HugePages += uint64(v.HugePages)
 	}
 	return out, nil
 }
