@@ -85,9 +85,9 @@ func WithMaxAddress(top GuestAddress) Option { return func(c *config) { c.top = 
 func WithoutTransparentHugepages() Option { return func(c *config) { c.noTHP = true } }
 
 // WithGuardGap sets the unmapped gap left between regions, and before the
-// first and after the last, in the host address space (default 2 MiB). A
-// stray host access past a region faults there instead of reading a
-// neighbour.
+// first and after the last, in the host address space (default 2 MiB, at
+// most 1 TiB, rounded up to 2 MiB). A stray host access past a region faults
+// there instead of reading a neighbour.
 func WithGuardGap(n uint64) Option { return func(c *config) { c.guard = n } }
 
 // WithName names the memfd (visible in /proc/<pid>/maps as /memfd:NAME).
@@ -97,6 +97,12 @@ func WithName(name string) Option { return func(c *config) { c.name = name } }
 // unknown backing, a hugetlb page size the host does not offer, or a file
 // too small for the layout.
 var ErrBacking = errors.New("guestmem: backing unavailable")
+
+// ErrBadOption is returned for an option value New cannot use.
+var ErrBadOption = errors.New("guestmem: invalid option")
+
+// maxGuardGap bounds WithGuardGap: a terabyte of address space per gap.
+const maxGuardGap = 1 << 40
 
 // ErrClosed is returned by every call on a Memory after Close.
 var ErrClosed = errors.New("guestmem: use of closed guest memory")
@@ -158,6 +164,9 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	slices.SortFunc(specs, func(a, b RegionSpec) int { return cmpAddr(a.GPA, b.GPA) })
 
 	align := max(uint64(hostAlign), pageSize)
+	if c.guard > maxGuardGap {
+		return nil, fmt.Errorf("guestmem: guard gap %#x exceeds %#x: %w", c.guard, uint64(maxGuardGap), ErrBadOption)
+	}
 	guard := alignUp(c.guard, align)
 	regions := make([]Region, len(specs))
 	var arenaCursor, fdCursor uint64 = guard, 0

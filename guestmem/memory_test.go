@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -235,6 +236,11 @@ func TestPrefaultSpansAndCancel(t *testing.T) {
 	st, err = fresh.Stats()
 	require.NoError(t, err)
 	require.Zero(t, st[0].Resident+st[1].Resident+st[2].Resident, "a cancelled prefault did no work")
+
+	// Absurd tuning is clamped, not a crash.
+	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{ChunkSize: math.MaxUint64, Workers: 1 << 30}))
+	_, err = guestmem.New(twoRegions, guestmem.WithGuardGap(math.MaxUint64))
+	require.ErrorIs(t, err, guestmem.ErrBadOption)
 
 	err = m.Prefault(context.Background(), guestmem.PrefaultOptions{Spans: []guestmem.Span{{GPA: 6 * mib, Size: mib}}})
 	require.ErrorIs(t, err, guestmem.ErrHole)

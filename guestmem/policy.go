@@ -144,7 +144,9 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 	if chunk == 0 {
 		chunk = DefaultPrefaultChunk
 	}
-	chunk = alignUp(chunk, align)
+	// No chunk need exceed the guest; clamping first keeps the rounding from
+	// wrapping a huge ChunkSize around to zero.
+	chunk = alignUp(min(chunk, 1<<50), align)
 
 	// Cut every piece into chunks that end on chunk-aligned arena offsets
 	// (arena offsets of regions are 2 MiB aligned, so chunks are too).
