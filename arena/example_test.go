@@ -101,3 +101,34 @@ func ExampleMapping_LockOnFault() {
 	// true
 	// <nil>
 }
+
+// Mapping a file: what is written through the mapping is in the file, and
+// reading past the end of a file that shrank is an error, not a SIGBUS.
+func ExampleNewFromFD() {
+	fd, err := unix.MemfdCreate("disk-image", unix.MFD_CLOEXEC)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, 2<<20); err != nil {
+		log.Fatal(err)
+	}
+	m, err := arena.NewFromFD(fd, 0, 2<<20)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := m.WriteAt([]byte("hello"), 1<<20); err != nil {
+		log.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	_, _ = unix.Pread(fd, buf, 1<<20)
+	fmt.Println(string(buf))
+
+	_ = unix.Ftruncate(fd, 1<<20) // someone shrinks the file under the mapping
+	_, err = m.ReadAt(buf, 1<<20)
+	fmt.Println(errors.Is(err, arena.ErrFault))
+	// Output:
+	// hello
+	// true
+}
