@@ -318,9 +318,13 @@ func (m *Memory) Close() error {
 func (m *Memory) Backing() Backing { return m.backing }
 
 // FD returns the memfd or file backing guest RAM, for handing to another
-// process (vhost-user) with each region's FDOffset; -1 for Anonymous. It
-// stays owned by the Memory.
-func (m *Memory) FD() int { return m.fd }
+// process (vhost-user) with each region's FDOffset; -1 for Anonymous and
+// after Close. It stays owned by the Memory.
+func (m *Memory) FD() int {
+	m.mu.RLock() // Close sets fd to -1
+	defer m.mu.RUnlock()
+	return m.fd
+}
 
 // PageSize returns the page size of the backing: 4 KiB, or the hugetlb page size.
 func (m *Memory) PageSize() uint64 { return m.pageSize }
