@@ -7,19 +7,21 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/gmem-vmm/gmem/kvm"
 )
 
-// NeedHugetlbPages skips t unless the 2 MiB hugetlb pool has n free pages,
-// saying how to make one. .ci/run sets up such a pool.
+// NeedHugetlbPages skips t (fails it under GMEM_REQUIRE_KVM=1, see Skip)
+// unless the 2 MiB hugetlb pool has n free pages, saying how to make one. .ci/run sets up such a pool.
 func NeedHugetlbPages(t testing.TB, n int) {
 	t.Helper()
 	b, err := os.ReadFile("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
 	if err != nil {
-		t.Skipf("no 2 MiB hugetlb pool on this host: %v", err)
+		Skip(t, "no 2 MiB hugetlb pool on this host: %v", err)
 	}
 	free, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	if free < n {
-		t.Skipf("hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
+		Skip(t, "hugetlb pool has %d free 2 MiB pages, test needs %d (echo 64 > /proc/sys/vm/nr_hugepages)", free, n)
 	}
 }
 
@@ -58,4 +60,41 @@ func VMAAt(t testing.TB, addr uintptr) (v VMA, ok bool) {
 		}
 	}
 	return v, ok
+}
+
+// KVM opens /dev/kvm for a test. When it cannot, the test is skipped with
+// the reason, or fails when GMEM_REQUIRE_KVM=1 (set by .ci/run on hosts with
+// /dev/kvm, where every KVM test must run). The device is closed at cleanup.
+func KVM(t testing.TB) *kvm.Device {
+	t.Helper()
+	d, err := kvm.Open("")
+	if err != nil {
+		Skip(t, "KVM unavailable: %v", err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// VM creates a VM for a test, closed at cleanup.
+func VM(t testing.TB) *kvm.VM {
+	t.Helper()
+	vm, err := KVM(t).CreateVM()
+	if err != nil {
+		t.Fatalf("creating VM: %v", err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	return vm
+}
+
+// RequireKVM reports whether GMEM_REQUIRE_KVM=1 is set.
+func RequireKVM() bool { return os.Getenv("GMEM_REQUIRE_KVM") == "1" }
+
+// Skip skips t with the formatted reason, or fails it under
+// GMEM_REQUIRE_KVM=1: on a KVM host no KVM test may skip.
+func Skip(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if RequireKVM() {
+		t.Fatalf("GMEM_REQUIRE_KVM=1 but: "+format, args...)
+	}
+	t.Skipf(format, args...)
 }

@@ -1,0 +1,362 @@
+package guest
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/kvm"
+)
+
+// Layout of the system slot, relative to Config.SysBase: page tables, a
+// GDT, code and a stack. It is a slot of its own, never dirty-logged, so the
+// accessed and dirty bits the guest CPU sets in its page tables never show
+// in a guest-RAM dirty log.
+const (
+	SysSize    = 2 << 20
+	offPML4    = 0x0000
+	offPDPT    = 0x1000
+	offPD      = 0x2000
+	offGDT     = 0x50000
+	offCode    = 0x60000
+	maxMapGiB  = 64
+	defaultSys = 0xFFC0_0000 // in the 32-bit PCI hole of an x86 layout
+)
+
+// Config places the system slot.
+type Config struct {
+	// SysBase is the guest-physical address of the 2 MiB system slot
+	// (default 0xFFC00000, inside the 3–4 GiB hole of guestmem.X86Layout).
+	SysBase uint64
+	// MapGiB is how much guest-physical space, from 0, is identity-mapped
+	// with 2 MiB pages (default and maximum 64 GiB).
+	MapGiB int
+}
+
+// Machine is one vCPU in 64-bit long mode with identity-mapped page tables,
+// running programs loaded into its system slot.
+type Machine struct {
+	VM   *kvm.VM
+	CPU  *kvm.VCPU
+	sys  *arena.Mapping
+	slot uint32
+	base uint64
+	code int // next free code offset
+}
+
+// New sets up a Machine on vm: it maps and registers the system slot in a
+// free slot, creates vCPU 0 and puts it in long mode.
+func New(vm *kvm.VM, cfg Config) (*Machine, error) {
+	if cfg.SysBase == 0 {
+		cfg.SysBase = defaultSys
+	}
+	if cfg.MapGiB <= 0 || cfg.MapGiB > maxMapGiB {
+		cfg.MapGiB = maxMapGiB
+	}
+	sys, err := arena.NewAnon(SysSize)
+	if err != nil {
+		return nil, err
+	}
+	m := &Machine{VM: vm, sys: sys, base: cfg.SysBase, code: offCode}
+	if err := m.writeTables(cfg.MapGiB); err != nil {
+		return nil, errors.Join(err, sys.Close())
+	}
+	if m.slot, err = vm.FreeSlot(); err != nil {
+		return nil, errors.Join(err, sys.Close())
+	}
+	if err := vm.SetSlot(kvm.Slot{ID: m.slot, GPA: m.base, Size: SysSize, HostAddr: sys.Addr()}); err != nil {
+		return nil, errors.Join(err, sys.Close())
+	}
+	if m.CPU, err = vm.CreateVCPU(0); err != nil {
+		return nil, errors.Join(err, m.Close())
+	}
+	if err := m.longMode(); err != nil {
+		return nil, errors.Join(err, m.Close())
+	}
+	return m, nil
+}
+
+// Slot returns the system slot's number.
+func (m *Machine) Slot() uint32 { return m.slot }
+
+// Close deletes the system slot, then unmaps it, and closes the vCPU. The VM
+// stays open.
+func (m *Machine) Close() error {
+	var errs []error
+	if m.CPU != nil {
+		errs = append(errs, m.CPU.Close())
+	}
+	if err := m.VM.DeleteSlot(m.slot); err != nil && !errors.Is(err, kvm.ErrNoSlot) && !errors.Is(err, kvm.ErrClosed) {
+		errs = append(errs, err)
+	}
+	errs = append(errs, m.sys.Close())
+	return errors.Join(errs...)
+}
+
+func (m *Machine) put64(off int64, v uint64) error {
+	return m.sys.WriteUint64(off, v)
+}
+
+func (m *Machine) writeTables(gib int) error {
+	const present, rw, ps = 1, 2, 0x80
+	if err := m.put64(offPML4, m.base+offPDPT|present|rw); err != nil {
+		return err
+	}
+	for g := 0; g < gib; g++ {
+		pd := int64(offPD + g*0x1000)
+		if err := m.put64(offPDPT+int64(g)*8, m.base+uint64(pd)|present|rw); err != nil {
+			return err
+		}
+		for i := 0; i < 512; i++ {
+			addr := uint64(g)<<30 | uint64(i)<<21
+			if err := m.put64(pd+int64(i)*8, addr|present|rw|ps); err != nil {
+				return err
+			}
+		}
+	}
+	// GDT: null, 64-bit code (selector 8), data (selector 16).
+	for i, d := range []uint64{0, 0x00af9a000000ffff, 0x00cf92000000ffff} {
+		if err := m.put64(offGDT+int64(i)*8, d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Machine) longMode() error {
+	if err := m.CPU.SetHostCPUID(); err != nil {
+		return err
+	}
+	s, err := m.CPU.Sregs()
+	if err != nil {
+		return err
+	}
+	code := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 8, Typ: 11, Present: 1, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 16, Typ: 3, Present: 1, S: 1, DB: 1, G: 1}
+	s.CS = code
+	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	s.GDT = kvm.Descriptor{Base: m.base + offGDT, Limit: 23}
+	s.CR3 = m.base + offPML4
+	s.CR4 = 1 << 5        // PAE
+	s.CR0 = 0x80050033    // PG, WP, NE, ET, MP, PE
+	s.EFER = 1<<8 | 1<<10 // LME, LMA
+	return m.CPU.SetSregs(s)
+}
+
+// Load copies code into the system slot and returns its guest address.
+func (m *Machine) Load(code []byte) (uint64, error) {
+	if m.code+len(code) > SysSize-0x10000 {
+		return 0, fmt.Errorf("guest: code area full")
+	}
+	if _, err := m.sys.WriteAt(code, int64(m.code)); err != nil {
+		return 0, err
+	}
+	at := m.base + uint64(m.code)
+	m.code = (m.code + len(code) + 63) &^ 63
+	return at, nil
+}
+
+// LoadAsm assembles a and loads it.
+func (m *Machine) LoadAsm(a *Asm) (uint64, error) {
+	b, err := a.Bytes()
+	if err != nil {
+		return 0, err
+	}
+	return m.Load(b)
+}
+
+// Handlers answer exits a program causes. A nil handler makes that exit an
+// error.
+type Handlers struct {
+	IO   func(*kvm.IOExit) error
+	MMIO func(*kvm.MMIOExit) error
+}
+
+// Result is what a Call observed.
+type Result struct {
+	Regs  kvm.Regs       // registers at HLT
+	Outs  []Out          // port writes, in order
+	MMIO  []kvm.MMIOExit // MMIO exits, in order (Data copied)
+	Exits int            // KVM_RUN returns
+}
+
+// Out is one port write.
+type Out struct {
+	Port  uint16
+	Value uint32
+}
+
+// Port returns the last value written to port and whether there was one.
+func (r *Result) Port(port uint16) (uint32, bool) {
+	for i := len(r.Outs) - 1; i >= 0; i-- {
+		if r.Outs[i].Port == port {
+			return r.Outs[i].Value, true
+		}
+	}
+	return 0, false
+}
+
+// Port64 combines the last values written to lo and hi.
+func (r *Result) Port64(lo, hi uint16) (uint64, bool) {
+	l, ok1 := r.Port(lo)
+	h, ok2 := r.Port(hi)
+	return uint64(h)<<32 | uint64(l), ok1 && ok2
+}
+
+// ErrUnexpectedExit is returned for an exit no handler takes, a shutdown, or
+// an internal error (an instruction the emulator lacks).
+var ErrUnexpectedExit = errors.New("guest: unexpected exit")
+
+// Call runs the program at entry with regs (RIP, RSP and RFLAGS are set
+// here) until it halts. Port writes are recorded; MMIO reads return zero
+// unless h.MMIO answers them; MMIO writes are recorded.
+func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) {
+	regs.RIP = entry
+	regs.RSP = m.base + SysSize - 16
+	regs.RFLAGS = 2
+	if err := m.CPU.SetRegs(regs); err != nil {
+		return Result{}, err
+	}
+	var res Result
+	for {
+		e, err := m.CPU.Run()
+		res.Exits++
+		if err != nil {
+			return res, err
+		}
+		switch e.Reason {
+		case kvm.ExitHLT:
+			res.Regs, err = m.CPU.Regs()
+			return res, err
+		case kvm.ExitIO:
+			if e.IO.Out {
+				res.Outs = append(res.Outs, Out{Port: e.IO.Port, Value: e.IO.Value()})
+			}
+			if h.IO != nil {
+				if err := h.IO(e.IO); err != nil {
+					return res, err
+				}
+			} else if !e.IO.Out {
+				return res, fmt.Errorf("%w: %v", ErrUnexpectedExit, e)
+			}
+		case kvm.ExitMMIO:
+			if h.MMIO != nil {
+				if err := h.MMIO(e.MMIO); err != nil {
+					return res, err
+				}
+			} else if !e.MMIO.Write {
+				clear(e.MMIO.Data)
+			}
+			c := *e.MMIO
+			c.Data = append([]byte(nil), e.MMIO.Data...)
+			res.MMIO = append(res.MMIO, c)
+		default:
+			regs, _ := m.CPU.Regs()
+			return res, fmt.Errorf("%w: %v at rip %#x", ErrUnexpectedExit, e, regs.RIP)
+		}
+	}
+}
+
+// Ports the standard programs report on.
+const (
+	PortLo   = 0x10 // low 32 bits of a result
+	PortHi   = 0x11 // high 32 bits
+	PortFail = 0x12 // a verification failed; PortLo/PortHi hold the address
+	PortDone = 0x13 // a program finished
+)
+
+func reportRAX(a *Asm) {
+	a.Out(PortLo)
+	a.Shr(RAX, 32)
+	a.Out(PortHi)
+}
+
+// FillPages writes (address XOR RDX) into the first quadword of every
+// stride (RBX) bytes from RSI up to RDI.
+func FillPages() *Asm {
+	a := &Asm{}
+	a.Label("loop")
+	a.Mov(RAX, RSI)
+	a.Xor(RAX, RDX)
+	a.Store(RSI, RAX)
+	a.Add(RSI, RBX)
+	a.Cmp(RSI, RDI)
+	a.Jb("loop")
+	a.Out(PortDone)
+	a.Hlt()
+	return a
+}
+
+// SumPages adds the first quadword of every stride (RBX) bytes from RSI up
+// to RDI and reports the sum on PortLo and PortHi.
+func SumPages() *Asm {
+	a := &Asm{}
+	a.Xor(RAX, RAX)
+	a.Label("loop")
+	a.AddMem(RAX, RSI)
+	a.Add(RSI, RBX)
+	a.Cmp(RSI, RDI)
+	a.Jb("loop")
+	reportRAX(a)
+	a.Out(PortDone)
+	a.Hlt()
+	return a
+}
+
+// VerifyPages checks that the first quadword of every stride (RBX) bytes
+// from RSI up to RDI is (address XOR RDX). On the first mismatch it reports
+// the address on PortLo/PortHi and writes PortFail; otherwise PortDone.
+func VerifyPages() *Asm {
+	a := &Asm{}
+	a.Label("loop")
+	a.Mov(RAX, RSI)
+	a.Xor(RAX, RDX)
+	a.CmpMem(RAX, RSI)
+	a.Jnz("fail")
+	a.Add(RSI, RBX)
+	a.Cmp(RSI, RDI)
+	a.Jb("loop")
+	a.Out(PortDone)
+	a.Hlt()
+	a.Label("fail")
+	a.Mov(RAX, RSI)
+	reportRAX(a)
+	a.Out(PortFail)
+	a.Hlt()
+	return a
+}
+
+// Poll reads the quadword at RSI until it equals RDX, then writes PortDone.
+// Each read of an address no slot backs is an MMIO exit.
+func Poll() *Asm {
+	a := &Asm{}
+	a.Label("loop")
+	a.Load(RAX, RSI)
+	a.Cmp(RAX, RDX)
+	a.Jnz("loop")
+	a.Out(PortDone)
+	a.Hlt()
+	return a
+}
+
+// Store writes RDX to the quadword at RSI.
+func Store() *Asm {
+	a := &Asm{}
+	a.Store(RSI, RDX)
+	a.Out(PortDone)
+	a.Hlt()
+	return a
+}
+
+// Load reads the quadword at RSI and reports it on PortLo and PortHi.
+func Load() *Asm {
+	a := &Asm{}
+	a.Load(RAX, RSI)
+	reportRAX(a)
+	a.Out(PortDone)
+	a.Hlt()
+	return a
+}
+
+// Pattern is the value FillPages writes at address addr with seed.
+func Pattern(addr, seed uint64) uint64 { return addr ^ seed }

@@ -1,0 +1,121 @@
+package kvm
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/user"
+	"sync"
+	"syscall"
+
+	gokvm "github.com/bobuhiro11/gokvm/kvm"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultPath is the KVM device node.
+const DefaultPath = "/dev/kvm"
+
+// APIVersion is the only KVM API version there has ever been (KVM_API_VERSION).
+const APIVersion = 12
+
+// Device is an open KVM device (/dev/kvm). It is safe for concurrent use.
+type Device struct {
+	mu   sync.RWMutex
+	f    *os.File
+	path string
+}
+
+// Open opens the KVM device at path (DefaultPath if empty) and checks its
+// API version. A missing device is ErrNoDevice, one this process may not
+// open is ErrPermission, both saying what to do; another API version is
+// ErrAPIVersion.
+func Open(path string) (*Device, error) {
+	if path == "" {
+		path = DefaultPath
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	d := &Device{f: f, path: path}
+	v, err := retry(func() (uintptr, error) { return gokvm.GetAPIVersion(f.Fd()) })
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("kvm: %s: %w", path, ioctlErr("KVM_GET_API_VERSION", err))
+	}
+	if v != APIVersion {
+		f.Close()
+		return nil, fmt.Errorf("%w: %s reports %d, this package speaks %d", ErrAPIVersion, path, v, APIVersion)
+	}
+	return d, nil
+}
+
+func openError(path string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("%w: %s does not exist: load the kvm module for this CPU (modprobe kvm_intel or kvm_amd), "+
+			"or enable nested virtualization if this is a VM", ErrNoDevice, path)
+	case errors.Is(err, syscall.ENODEV), errors.Is(err, syscall.ENXIO):
+		return fmt.Errorf("%w: %s exists but no KVM driver is bound to it (%v): load kvm_intel or kvm_amd", ErrNoDevice,
+			path, err)
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("%w: %s must be readable and writable by this process: add the user to the group that "+
+			"owns it (usually kvm: usermod -aG kvm $USER, then log in again) or run as root; it is %s",
+			ErrPermission, path, describeNode(path))
+	}
+	return fmt.Errorf("kvm: opening %s: %w", path, err)
+}
+
+func describeNode(path string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "not stat-able: " + err.Error()
+	}
+	group := fmt.Sprint(st.Gid)
+	if g, err := user.LookupGroupId(group); err == nil {
+		group = g.Name
+	}
+	return fmt.Sprintf("mode %v, owner uid %d, group %s", fs.FileMode(st.Mode&0o777), st.Uid, group)
+}
+
+// Path returns the device path.
+func (d *Device) Path() string { return d.path }
+
+// Close closes the device. VMs created from it stay usable. Closing twice
+// returns nil.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.f == nil {
+		return nil
+	}
+	err := d.f.Close()
+	d.f = nil
+	return err
+}
+
+// fd runs fn with the device fd under the read lock.
+func (d *Device) withFD(fn func(fd uintptr) error) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.f == nil {
+		return ErrClosed
+	}
+	return fn(d.f.Fd())
+}
+
+// retry calls fn until it fails with something other than EINTR.
+func retry(fn func() (uintptr, error)) (uintptr, error) {
+	for {
+		r, err := fn()
+		if !errors.Is(err, syscall.EINTR) {
+			return r, err
+		}
+	}
+}
+
+func retryErr(fn func() error) error {
+	_, err := retry(func() (uintptr, error) { return 0, fn() })
+	return err
+}

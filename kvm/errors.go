@@ -1,0 +1,99 @@
+package kvm
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+)
+
+// Sentinel errors. Every error this package returns wraps one of them, or an
+// *os.SyscallError naming the ioctl, so callers can use errors.Is.
+var (
+	// ErrNoDevice: the KVM device node does not exist, or the kernel has no
+	// KVM driver bound to it.
+	ErrNoDevice = errors.New("kvm: device not available")
+	// ErrPermission: the device exists but this process may not open it
+	// read-write.
+	ErrPermission = errors.New("kvm: permission denied")
+	// ErrAPIVersion: KVM_GET_API_VERSION did not return 12.
+	ErrAPIVersion = errors.New("kvm: unsupported API version")
+	// ErrClosed: the Device, VM or VCPU was closed.
+	ErrClosed = errors.New("kvm: use of closed file")
+	// ErrUnsupported: the kernel lacks the capability the call needs.
+	ErrUnsupported = errors.New("kvm: not supported by this kernel")
+
+	// ErrSlotLimit: the slot number is at or beyond the kernel's limit
+	// (KVM_CAP_NR_MEMSLOTS), or every slot is in use.
+	ErrSlotLimit = errors.New("kvm: memory slot limit reached")
+	// ErrSlotOverlap: the guest range overlaps another slot's.
+	ErrSlotOverlap = errors.New("kvm: memory slot overlaps another")
+	// ErrSlotUnaligned: guest address, size or host address is not a
+	// multiple of the page size.
+	ErrSlotUnaligned = errors.New("kvm: memory slot not page-aligned")
+	// ErrSlotSize: zero size (use DeleteSlot), or a guest range that
+	// overflows.
+	ErrSlotSize = errors.New("kvm: bad memory slot size")
+	// ErrNoSlot: no slot with that number is in use.
+	ErrNoSlot = errors.New("kvm: no such memory slot")
+	// ErrNotLogging: the slot does not have dirty logging on.
+	ErrNotLogging = errors.New("kvm: memory slot has no dirty log")
+	// ErrBitmapTooSmall: the caller's dirty bitmap cannot hold one bit per
+	// page of the slot.
+	ErrBitmapTooSmall = errors.New("kvm: dirty bitmap too small")
+	// ErrSlotFlags: a flag combination KVM refuses, or a flag the kernel
+	// does not offer (read-only slots without KVM_CAP_READONLY_MEM).
+	ErrSlotFlags = errors.New("kvm: bad memory slot flags")
+
+	// ErrMemoryFault: KVM_RUN failed because the host memory behind a guest
+	// address could not be faulted in (unmapped, PROT_NONE, or a truncated
+	// file). Returned wrapped in a *MemoryFaultError.
+	ErrMemoryFault = errors.New("kvm: guest memory fault")
+)
+
+// SlotError reports a memory slot operation the slot table refused, or the
+// kernel failed.
+type SlotError struct {
+	Op   string // "SetSlot", "DeleteSlot", "GetDirtyLog", ...
+	Slot uint32
+	Err  error
+}
+
+func (e *SlotError) Error() string { return fmt.Sprintf("kvm: %s slot %d: %v", e.Op, e.Slot, e.Err) }
+
+// Unwrap returns the cause.
+func (e *SlotError) Unwrap() error { return e.Err }
+
+// MemoryFaultError is returned by VCPU.Run when the guest touched guest
+// memory whose host mapping cannot be faulted in. GPA is the guest address
+// when the kernel reports it (KVM_CAP_MEMORY_FAULT_INFO); Known says whether
+// it did.
+type MemoryFaultError struct {
+	GPA   uint64
+	Size  uint64
+	Known bool
+	Err   error // the errno from KVM_RUN
+}
+
+func (e *MemoryFaultError) Error() string {
+	if e.Known {
+		return fmt.Sprintf("kvm: guest memory fault at guest address %#x (+%#x): host mapping not accessible: %v",
+			e.GPA, e.Size, e.Err)
+	}
+	return fmt.Sprintf("kvm: guest memory fault (guest address not reported by this kernel): %v", e.Err)
+}
+
+// Unwrap returns ErrMemoryFault and the errno.
+func (e *MemoryFaultError) Unwrap() []error { return []error{ErrMemoryFault, e.Err} }
+
+// ioctlErr names the ioctl in an errno.
+func ioctlErr(name string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return os.NewSyscallError(name, errno)
+	}
+	return fmt.Errorf("%s: %w", name, err)
+}
