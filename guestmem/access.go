@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+
+	"github.com/gmem-vmm/gmem/arena"
 )
 
 // Errors of access by guest-physical address, wrapped in *AddressError.
@@ -38,34 +40,34 @@ func (e *AddressError) Unwrap() error { return e.Err }
 // piece is the part of a guest range that falls in one region.
 type piece struct {
 	region int
-	off    int64 // arena offset
+	a      *arena.Arena // the region's arena
+	off    int64        // arena offset
 	n      int64
+	gpa    GuestAddress
 }
 
 // resolve maps [a, a+n) onto the regions. The range may cross region
 // boundaries only where regions are contiguous in guest-physical space; any
 // byte outside guest RAM is an *AddressError naming the first such address.
-// The caller holds m.mu for reading.
-func (m *Memory) resolve(op string, a GuestAddress, n uint64) ([]piece, error) {
-	if m.closed {
-		return nil, fmt.Errorf("guestmem: %s: %w", op, ErrClosed)
-	}
+// The caller holds t (acquire).
+func (t *table) resolve(op string, a GuestAddress, n uint64) ([]piece, error) {
 	if n > math.MaxUint64-uint64(a) {
 		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrAddressOverflow}
 	}
-	i, ok := m.find(a)
+	i, ok := t.find(a)
 	if !ok {
 		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrHole}
 	}
 	var pieces []piece
 	pos, end := a, a+GuestAddress(n)
 	for pos < end {
-		if i == len(m.regions) || m.regions[i].GPA != pos && len(pieces) > 0 {
+		if i == len(t.regions) || t.regions[i].GPA != pos && len(pieces) > 0 {
 			return nil, &AddressError{Op: op, GPA: pos, Len: n, Err: ErrHole}
 		}
-		r := m.regions[i]
+		r := t.regions[i]
 		take := min(end, r.End()) - pos
-		pieces = append(pieces, piece{region: i, off: r.ArenaOffset + int64(pos-r.GPA), n: int64(take)})
+		pieces = append(pieces, piece{region: i, a: r.host, off: r.ArenaOffset + int64(pos-r.GPA), n: int64(take),
+			gpa: pos})
 		pos += take
 		i++
 	}
@@ -94,9 +96,12 @@ func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, erro
 	if off < 0 {
 		return 0, &AddressError{Op: op, GPA: GuestAddress(off), Len: uint64(len(p)), Err: ErrHole}
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.resolve(op, GuestAddress(off), uint64(len(p)))
+	t, err := m.acquire(op)
+	if err != nil {
+		return 0, err
+	}
+	defer t.release()
+	pieces, err := t.resolve(op, GuestAddress(off), uint64(len(p)))
 	if err != nil {
 		return 0, err
 	}
@@ -104,9 +109,10 @@ func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, erro
 	for _, pc := range pieces {
 		var n int
 		if write {
-			n, err = m.arena.WriteAt(p[done:done+int(pc.n)], pc.off)
+			n, err = pc.a.WriteAt(p[done:done+int(pc.n)], pc.off)
+			t.markDirty(pc, int64(n))
 		} else {
-			n, err = m.arena.ReadAt(p[done:done+int(pc.n)], pc.off)
+			n, err = pc.a.ReadAt(p[done:done+int(pc.n)], pc.off)
 		}
 		done += n
 		if err != nil {
@@ -143,18 +149,26 @@ func (m *Memory) WriteValue(a GuestAddress, v any) error {
 }
 
 // one resolves a range that must lie in a single region, for the typed and
-// atomic accessors, and runs fn on its arena offset.
-func (m *Memory) one(op string, a GuestAddress, n uint64, fn func(off int64) error) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.resolve(op, a, n)
+// atomic accessors, and runs fn on its arena and offset; write says fn may
+// store, so the range is marked dirty while tracking.
+func (m *Memory) one(op string, a GuestAddress, n uint64, write bool, fn func(ar *arena.Arena, off int64) error) error {
+	t, err := m.acquire(op)
+	if err != nil {
+		return err
+	}
+	defer t.release()
+	pieces, err := t.resolve(op, a, n)
 	if err != nil {
 		return err
 	}
 	if len(pieces) != 1 {
 		return &AddressError{Op: op, GPA: a, Len: n, Err: ErrSpansRegions}
 	}
-	return fn(pieces[0].off)
+	err = fn(pieces[0].a, pieces[0].off)
+	if write && err == nil {
+		t.markDirty(pieces[0], pieces[0].n)
+	}
+	return err
 }
 
 // ReadUint64 reads the little-endian 64-bit value at a.
@@ -177,20 +191,20 @@ func (m *Memory) WriteUint32(a GuestAddress, v uint32) error { return m.WriteVal
 
 // LoadUint32 atomically loads the naturally aligned 32-bit word at a.
 func (m *Memory) LoadUint32(a GuestAddress) (v uint32, err error) {
-	err = m.one("LoadUint32", a, 4, func(off int64) (err error) { v, err = m.arena.LoadUint32(off); return err })
+	err = m.one("LoadUint32", a, 4, false, func(ar *arena.Arena, off int64) (err error) { v, err = ar.LoadUint32(off); return err })
 	return v, err
 }
 
 // StoreUint32 atomically stores v into the naturally aligned word at a.
 func (m *Memory) StoreUint32(a GuestAddress, v uint32) error {
-	return m.one("StoreUint32", a, 4, func(off int64) error { return m.arena.StoreUint32(off, v) })
+	return m.one("StoreUint32", a, 4, true, func(ar *arena.Arena, off int64) error { return ar.StoreUint32(off, v) })
 }
 
 // CompareAndSwapUint32 atomically replaces the word at a with newV if it
 // holds old, and reports whether it did.
 func (m *Memory) CompareAndSwapUint32(a GuestAddress, old, newV uint32) (ok bool, err error) {
-	err = m.one("CompareAndSwapUint32", a, 4, func(off int64) (err error) {
-		ok, err = m.arena.CompareAndSwapUint32(off, old, newV)
+	err = m.one("CompareAndSwapUint32", a, 4, true, func(ar *arena.Arena, off int64) (err error) {
+		ok, err = ar.CompareAndSwapUint32(off, old, newV)
 		return err
 	})
 	return ok, err
@@ -198,44 +212,52 @@ func (m *Memory) CompareAndSwapUint32(a GuestAddress, old, newV uint32) (ok bool
 
 // LoadUint64 atomically loads the naturally aligned 64-bit word at a.
 func (m *Memory) LoadUint64(a GuestAddress) (v uint64, err error) {
-	err = m.one("LoadUint64", a, 8, func(off int64) (err error) { v, err = m.arena.LoadUint64(off); return err })
+	err = m.one("LoadUint64", a, 8, false, func(ar *arena.Arena, off int64) (err error) { v, err = ar.LoadUint64(off); return err })
 	return v, err
 }
 
 // StoreUint64 atomically stores v into the naturally aligned word at a.
 func (m *Memory) StoreUint64(a GuestAddress, v uint64) error {
-	return m.one("StoreUint64", a, 8, func(off int64) error { return m.arena.StoreUint64(off, v) })
+	return m.one("StoreUint64", a, 8, true, func(ar *arena.Arena, off int64) error { return ar.StoreUint64(off, v) })
 }
 
 // CompareAndSwapUint64 atomically replaces the word at a with newV if it
 // holds old, and reports whether it did.
 func (m *Memory) CompareAndSwapUint64(a GuestAddress, old, newV uint64) (ok bool, err error) {
-	err = m.one("CompareAndSwapUint64", a, 8, func(off int64) (err error) {
-		ok, err = m.arena.CompareAndSwapUint64(off, old, newV)
+	err = m.one("CompareAndSwapUint64", a, 8, true, func(ar *arena.Arena, off int64) (err error) {
+		ok, err = ar.CompareAndSwapUint64(off, old, newV)
 		return err
 	})
 	return ok, err
 }
 
 // Slice returns guest memory [a, a+n) itself, with no copy; the range must
-// lie in one region. The slice is valid until Close, and accesses through it
-// are not fault-protected: see arena.Mapping.Bytes.
+// lie in one region. The slice is valid until the region is removed or the
+// Memory closed, and accesses through it are not fault-protected: see
+// arena.Mapping.Bytes. Writes through it are invisible to dirty tracking:
+// call MarkDirty for what you wrote.
 func (m *Memory) Slice(a GuestAddress, n uint64) (b []byte, err error) {
-	err = m.one("Slice", a, n, func(off int64) (err error) { b, err = m.arena.Bytes(off, int64(n)); return err })
+	err = m.one("Slice", a, n, false, func(ar *arena.Arena, off int64) (err error) {
+		b, err = ar.Bytes(off, int64(n))
+		return err
+	})
 	return b, err
 }
 
 // CopyTo writes guest memory [a, a+n) to w.
 func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.resolve("CopyTo", a, n)
+	t, err := m.acquire("CopyTo")
+	if err != nil {
+		return 0, err
+	}
+	defer t.release()
+	pieces, err := t.resolve("CopyTo", a, n)
 	if err != nil {
 		return 0, err
 	}
 	var done int64
 	for _, pc := range pieces {
-		k, err := m.arena.CopyTo(w, pc.off, pc.n)
+		k, err := pc.a.CopyTo(w, pc.off, pc.n)
 		done += k
 		if err != nil {
 			return done, err
@@ -246,15 +268,19 @@ func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
 
 // CopyFrom reads n bytes from r into guest memory at a.
 func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.resolve("CopyFrom", a, n)
+	t, err := m.acquire("CopyFrom")
+	if err != nil {
+		return 0, err
+	}
+	defer t.release()
+	pieces, err := t.resolve("CopyFrom", a, n)
 	if err != nil {
 		return 0, err
 	}
 	var done int64
 	for _, pc := range pieces {
-		k, err := m.arena.CopyFrom(pc.off, r, pc.n)
+		k, err := pc.a.CopyFrom(pc.off, r, pc.n)
+		t.markDirty(pc, k)
 		done += k
 		if err != nil {
 			return done, err

@@ -6,8 +6,8 @@ import (
 	"math/bits"
 	"os"
 	"slices"
-	"sort"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -60,6 +60,7 @@ type config struct {
 	noTHP    bool
 	guard    uint64
 	name     string
+	hotplug  uint64
 }
 
 // WithBacking chooses the backing (default Anonymous).
@@ -117,8 +118,15 @@ type Region struct {
 	Size        uint64       // bytes
 	ReadOnly    bool         // the guest may not write it
 	HostAddr    uintptr      // host virtual address of GPA
-	ArenaOffset int64        // offset of the region in the Memory's arena
+	ArenaOffset int64        // offset of the region in its arena
 	FDOffset    int64        // offset in the backing fd; -1 for Anonymous
+	// Hotplugged says the region was added by AddRegion (it has an arena of
+	// its own) rather than by New.
+	Hotplugged bool
+
+	host  *arena.Arena // the arena holding the region
+	slot  int          // KVM slot while registered, else -1
+	dirty *dirtyBits   // host-side dirty bitmap while tracking, else nil
 }
 
 // End returns the first address past the region.
@@ -128,17 +136,27 @@ func (r Region) contains(a GuestAddress) bool { return a >= r.GPA && a < r.End()
 
 // Memory is a guest's physical memory: its regions, placed in one arena with
 // guard gaps between them, backed as chosen, addressed by guest-physical
-// address. It is safe for concurrent use.
+// address. It is safe for concurrent use. Accesses never take a lock on the
+// region table (see AddRegion): they load it atomically.
 type Memory struct {
-	mu       sync.RWMutex // guards closed; accesses hold it for reading
-	closed   bool
-	arena    *arena.Arena
-	regions  []Region // sorted by GPA
+	wmu      sync.Mutex // serializes changes: hotplug, Register, dirty tracking, Close
+	tab      atomic.Pointer[table]
+	arena    *arena.Arena // regions from New; hot-added regions have their own
 	backing  Backing
 	pageSize uint64 // 4 KiB, or the hugetlb page size
-	fd       int    // the memfd or file; -1 for Anonymous
+	fd       int    // the memfd or file; -1 for Anonymous (guarded by wmu)
 	fdSize   int64
+	guard    uint64
+	noTHP    bool
+	top      GuestAddress
+	hot      hotplugSpace // fd space for hot-added regions
+	reg      *registration
+	tracking bool // dirty tracking on
+	overlay  bool // parts of anonymous memory are private file mappings (lazy restore)
+	snapID   [16]byte
 }
+
+func closedErr(op string) error { return fmt.Errorf("guestmem: %s: %w", op, ErrClosed) }
 
 // New lays out guest RAM as l, backs it and maps it. Every region is
 // MADV_DONTDUMP and MADV_DONTFORK, and asks for transparent hugepages where
@@ -172,14 +190,26 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	var arenaCursor, fdCursor uint64 = guard, 0
 	for i, s := range specs {
 		regions[i] = Region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
-			ArenaOffset: int64(arenaCursor), FDOffset: -1}
+			ArenaOffset: int64(arenaCursor), FDOffset: -1, slot: -1}
 		if c.backing != Anonymous {
 			regions[i].FDOffset = int64(fdCursor)
 			fdCursor = alignUp(fdCursor+s.Size, align)
 		}
 		arenaCursor = alignUp(arenaCursor+s.Size, align) + guard
 	}
-	m := &Memory{regions: regions, backing: c.backing, pageSize: pageSize, fd: -1, fdSize: int64(fdCursor)}
+	if c.hotplug > maxHotplug {
+		return nil, fmt.Errorf("guestmem: hotplug space %#x exceeds %#x: %w", c.hotplug, uint64(maxHotplug), ErrBadOption)
+	}
+	hot := alignUp(c.hotplug, align)
+	if hot > 0 && c.backing == File {
+		return nil, fmt.Errorf("%w: a File backing cannot hot-add regions (WithHotplug)", ErrBacking)
+	}
+	m := &Memory{backing: c.backing, pageSize: pageSize, fd: -1, fdSize: int64(fdCursor + hot),
+		guard: guard, noTHP: c.noTHP, top: c.top}
+	if c.backing != Anonymous && hot > 0 {
+		m.hot.free = []fdRange{{off: int64(fdCursor), n: int64(hot)}}
+	}
+	m.tab.Store(&table{regions: regions})
 	if err := m.open(c); err != nil {
 		return nil, err
 	}
@@ -188,8 +218,9 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 		return nil, errors.Join(fmt.Errorf("guestmem: reserving host address space: %w", err), m.closeFD())
 	}
 	m.arena = a
-	for i := range m.regions {
-		if err := m.mapRegion(&m.regions[i], c); err != nil {
+	for i := range regions {
+		regions[i].host = a
+		if err := m.mapRegion(&regions[i]); err != nil {
 			return nil, errors.Join(err, m.Close())
 		}
 	}
@@ -266,8 +297,8 @@ func (m *Memory) closeFD() error {
 	return nil
 }
 
-// mapRegion maps r into the arena and applies the defaults.
-func (m *Memory) mapRegion(r *Region, c config) error {
+// mapRegion maps r into its arena and applies the defaults.
+func (m *Memory) mapRegion(r *Region) error {
 	var err error
 	size := int64(r.Size)
 	switch m.backing {
@@ -276,42 +307,60 @@ func (m *Memory) mapRegion(r *Region, c config) error {
 	// reported by Prefault (or, unprefaulted, by the kernel's OOM handling)
 	// rather than refused up front for memory the guest may never touch.
 	case Anonymous:
-		err = m.arena.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private(), arena.NoReserve())
+		err = r.host.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private(), arena.NoReserve())
 	case File:
-		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private(),
+		err = r.host.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private(),
 			arena.NoReserve())
 	default:
-		err = m.arena.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
+		err = r.host.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
 	}
 	if err != nil {
 		return fmt.Errorf("guestmem: mapping region at %v: %w", r.GPA, err)
 	}
-	r.HostAddr = m.arena.Addr() + uintptr(r.ArenaOffset)
-	if err := m.arena.UseDontfork(r.ArenaOffset, size); err != nil {
+	r.HostAddr = r.host.Addr() + uintptr(r.ArenaOffset)
+	if err := m.applyDefaults(r.host, r.ArenaOffset, size); err != nil {
 		return fmt.Errorf("guestmem: region at %v: %w", r.GPA, err)
-	}
-	if !c.noTHP && m.backing != Hugetlb {
-		if err := m.arena.UseHugepages(r.ArenaOffset, size); err != nil {
-			return fmt.Errorf("guestmem: region at %v: %w", r.GPA, err)
-		}
 	}
 	return nil
 }
 
-// Close unmaps guest RAM and closes the backing fd. It waits for accesses in
-// flight; later calls return ErrClosed, and Close itself returns nil again.
+// applyDefaults sets DONTFORK and, where the backing allows and the caller
+// did not opt out, transparent hugepages on a freshly mapped range.
+func (m *Memory) applyDefaults(a *arena.Arena, off, n int64) error {
+	if err := a.UseDontfork(off, n); err != nil {
+		return err
+	}
+	if !m.noTHP && m.backing != Hugetlb {
+		return a.UseHugepages(off, n)
+	}
+	return nil
+}
+
+// Close unmaps guest RAM and closes the backing fd. If the memory is still
+// registered with a VM that is open, its slots are deleted first, so KVM
+// never points at unmapped memory. Close waits for accesses in flight; later
+// calls return ErrClosed, and Close itself returns nil again.
 func (m *Memory) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
+	m.wmu.Lock()
+	defer m.wmu.Unlock()
+	if m.tab.Load().closed {
 		return nil
 	}
-	m.closed = true
-	var err error
-	if m.arena != nil {
-		err = m.arena.Close()
+	var errs []error
+	if m.reg != nil {
+		errs = append(errs, m.unregisterLocked())
 	}
-	return errors.Join(err, m.closeFD())
+	old := m.publish(&table{closed: true})
+	for _, r := range old.regions {
+		if r.Hotplugged {
+			errs = append(errs, r.host.Close())
+		}
+	}
+	if m.arena != nil {
+		errs = append(errs, m.arena.Close())
+	}
+	errs = append(errs, m.closeFD())
+	return errors.Join(errs...)
 }
 
 // Backing returns how guest RAM is backed.
@@ -321,57 +370,56 @@ func (m *Memory) Backing() Backing { return m.backing }
 // process (vhost-user) with each region's FDOffset; -1 for Anonymous and
 // after Close. It stays owned by the Memory.
 func (m *Memory) FD() int {
-	m.mu.RLock() // Close sets fd to -1
-	defer m.mu.RUnlock()
+	m.wmu.Lock() // Close sets fd to -1
+	defer m.wmu.Unlock()
 	return m.fd
 }
 
 // PageSize returns the page size of the backing: 4 KiB, or the hugetlb page size.
 func (m *Memory) PageSize() uint64 { return m.pageSize }
 
-// Regions returns the regions, lowest address first.
-func (m *Memory) Regions() []Region { return slices.Clone(m.regions) }
+// Regions returns the regions, lowest address first (none after Close).
+func (m *Memory) Regions() []Region {
+	t, err := m.acquire("Regions")
+	if err != nil {
+		return nil
+	}
+	defer t.release()
+	return slices.Clone(t.regions)
+}
 
 // Size returns the total bytes of guest RAM.
 func (m *Memory) Size() uint64 {
 	var n uint64
-	for _, r := range m.regions {
+	for _, r := range m.Regions() {
 		n += r.Size
 	}
 	return n
 }
 
-// find returns the index of the region containing a, in O(log n).
-func (m *Memory) find(a GuestAddress) (int, bool) {
-	i := sort.Search(len(m.regions), func(i int) bool { return m.regions[i].End() > a })
-	return i, i < len(m.regions) && m.regions[i].contains(a)
-}
-
 // Region returns the region containing a.
 func (m *Memory) Region(a GuestAddress) (Region, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if m.closed {
-		return Region{}, fmt.Errorf("guestmem: Region: %w", ErrClosed)
+	t, err := m.acquire("Region")
+	if err != nil {
+		return Region{}, err
 	}
-	i, ok := m.find(a)
+	defer t.release()
+	i, ok := t.find(a)
 	if !ok {
 		return Region{}, &AddressError{Op: "Region", GPA: a, Len: 1, Err: ErrHole}
 	}
-	return m.regions[i], nil
+	return t.regions[i], nil
 }
 
-// HostAddress returns the host virtual address of guest address a.
+// HostAddress returns the host virtual address of guest address a. It stays
+// valid until the region is removed or the Memory closed.
 func (m *Memory) HostAddress(a GuestAddress) (uintptr, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if m.closed {
-		return 0, fmt.Errorf("guestmem: HostAddress: %w", ErrClosed)
+	r, err := m.Region(a)
+	if ae, ok := err.(*AddressError); ok {
+		ae.Op = "HostAddress"
 	}
-	i, ok := m.find(a)
-	if !ok {
-		return 0, &AddressError{Op: "HostAddress", GPA: a, Len: 1, Err: ErrHole}
+	if err != nil {
+		return 0, err
 	}
-	r := m.regions[i]
 	return r.HostAddr + uintptr(a-r.GPA), nil
 }

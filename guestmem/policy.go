@@ -19,15 +19,12 @@ type Span struct {
 }
 
 // spans resolves the spans (none: the whole guest) to arena pieces,
-// checking alignment to the backing's page size. The caller holds m.mu.
-func (m *Memory) spans(op string, spans []Span) ([]piece, error) {
-	if m.closed {
-		return nil, fmt.Errorf("guestmem: %s: %w", op, ErrClosed)
-	}
+// checking alignment to the backing's page size. The caller holds t.
+func (m *Memory) spans(t *table, op string, spans []Span) ([]piece, error) {
 	if len(spans) == 0 {
-		all := make([]piece, len(m.regions))
-		for i, r := range m.regions {
-			all[i] = piece{region: i, off: r.ArenaOffset, n: int64(r.Size)}
+		all := make([]piece, len(t.regions))
+		for i, r := range t.regions {
+			all[i] = piece{region: i, a: r.host, off: r.ArenaOffset, n: int64(r.Size), gpa: r.GPA}
 		}
 		return all, nil
 	}
@@ -40,7 +37,7 @@ func (m *Memory) spans(op string, spans []Span) ([]piece, error) {
 			return nil, &AddressError{Op: op, GPA: s.GPA, Len: s.Size,
 				Err: fmt.Errorf("%w (page size %#x)", ErrUnaligned, m.pageSize)}
 		}
-		ps, err := m.resolve(op, s.GPA, s.Size)
+		ps, err := t.resolve(op, s.GPA, s.Size)
 		if err != nil {
 			return nil, err
 		}
@@ -50,16 +47,19 @@ func (m *Memory) spans(op string, spans []Span) ([]piece, error) {
 }
 
 // each applies fn to the arena pieces of the spans.
-func (m *Memory) each(op string, spans []Span, fn func(off, n int64) error) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.spans(op, spans)
+func (m *Memory) each(op string, spans []Span, fn func(a *arena.Arena, off, n int64) error) error {
+	t, err := m.acquire(op)
+	if err != nil {
+		return err
+	}
+	defer t.release()
+	pieces, err := m.spans(t, op, spans)
 	if err != nil {
 		return err
 	}
 	for _, pc := range pieces {
-		if err := fn(pc.off, pc.n); err != nil {
-			return fmt.Errorf("guestmem: %s: region at %v: %w", op, m.regions[pc.region].GPA, err)
+		if err := fn(pc.a, pc.off, pc.n); err != nil {
+			return fmt.Errorf("guestmem: %s: region at %v: %w", op, t.regions[pc.region].GPA, err)
 		}
 	}
 	return nil
@@ -68,26 +68,26 @@ func (m *Memory) each(op string, spans []Span, fn func(off, n int64) error) erro
 // Prefetch starts readahead of the spans (the whole guest if none) without
 // waiting for it (MADV_WILLNEED): useful for file-backed guest RAM.
 func (m *Memory) Prefetch(spans ...Span) error {
-	return m.each("Prefetch", spans, m.arena.Prefetch)
+	return m.each("Prefetch", spans, (*arena.Arena).Prefetch)
 }
 
 // DropPageCache discards the spans' pages from the host mapping
 // (MADV_DONTNEED); see arena.Mapping.DropPageCache. Locked pages: an error
 // wrapping arena.ErrLocked.
 func (m *Memory) DropPageCache(spans ...Span) error {
-	return m.each("DropPageCache", spans, m.arena.DropPageCache)
+	return m.each("DropPageCache", spans, (*arena.Arena).DropPageCache)
 }
 
 // LockOnFault locks the spans in memory as they are touched
 // (mlock2(MLOCK_ONFAULT)). Past RLIMIT_MEMLOCK the error gives the limit and
 // the request.
 func (m *Memory) LockOnFault(spans ...Span) error {
-	return m.each("LockOnFault", spans, m.arena.LockOnFault)
+	return m.each("LockOnFault", spans, (*arena.Arena).LockOnFault)
 }
 
 // Unlock unlocks the spans.
 func (m *Memory) Unlock(spans ...Span) error {
-	return m.each("Unlock", spans, m.arena.Unlock)
+	return m.each("Unlock", spans, (*arena.Arena).Unlock)
 }
 
 // SetHugepages asks for (on) or forbids (off) transparent hugepages over the
@@ -97,9 +97,9 @@ func (m *Memory) SetHugepages(on bool, spans ...Span) error {
 	if m.backing == Hugetlb {
 		return fmt.Errorf("guestmem: SetHugepages: %w: hugetlb memory is always huge", ErrBacking)
 	}
-	fn := m.arena.NoHugepages
+	fn := (*arena.Arena).NoHugepages
 	if on {
-		fn = m.arena.UseHugepages
+		fn = (*arena.Arena).UseHugepages
 	}
 	return m.each("SetHugepages", spans, fn)
 }
@@ -129,9 +129,12 @@ const DefaultPrefaultChunk = 64 << 20
 // ctx stops the workers after their current chunk; the error then wraps
 // ctx.Err().
 func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	pieces, err := m.spans("Prefault", o.Spans)
+	t, err := m.acquire("Prefault")
+	if err != nil {
+		return err
+	}
+	defer t.release()
+	pieces, err := m.spans(t, "Prefault", o.Spans)
 	if err != nil {
 		return err
 	}
@@ -150,13 +153,16 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 
 	// Cut every piece into chunks that end on chunk-aligned arena offsets
 	// (arena offsets of regions are 2 MiB aligned, so chunks are too).
-	type job struct{ off, n int64 }
+	type job struct {
+		a      *arena.Arena
+		off, n int64
+	}
 	var jobs []job
 	var total uint64
 	for _, pc := range pieces {
 		for off, end := pc.off, pc.off+pc.n; off < end; {
 			next := min(end, (off/int64(chunk)+1)*int64(chunk))
-			jobs = append(jobs, job{off, next - off})
+			jobs = append(jobs, job{pc.a, off, next - off})
 			off = next
 		}
 		total += uint64(pc.n)
@@ -184,7 +190,7 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 					return
 				}
 				j := jobs[i]
-				if err := m.arena.Populate(j.off, j.n, arena.PopulateWrite); err != nil {
+				if err := j.a.Populate(j.off, j.n, arena.PopulateWrite); err != nil {
 					fail(fmt.Errorf("guestmem: Prefault: %w", err))
 					return
 				}
@@ -219,33 +225,41 @@ type RegionStats struct {
 
 // Stats reports, per region, resident, locked and hugepage-backed bytes.
 func (m *Memory) Stats() ([]RegionStats, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if m.closed {
-		return nil, fmt.Errorf("guestmem: Stats: %w", ErrClosed)
-	}
-	// One read of smaps for the whole arena: the guard gaps keep every VMA
-	// within one region, so each is attributed by its start address. The
-	// cost does not grow with the guest's size (mincore's would).
-	st, err := m.arena.Stats()
+	t, err := m.acquire("Stats")
 	if err != nil {
 		return nil, err
 	}
-	out := make([]RegionStats, len(m.regions))
-	for i, r := range m.regions {
+	defer t.release()
+	out := make([]RegionStats, len(t.regions))
+	for i, r := range t.regions {
 		out[i] = RegionStats{GPA: r.GPA, Size: r.Size}
 	}
-	for _, v := range st.VMAs {
-		i := sort.Search(len(m.regions), func(i int) bool {
-			r := m.regions[i]
-			return r.HostAddr+uintptr(r.Size) > v.Start
-		})
-		if i == len(m.regions) || v.Start < m.regions[i].HostAddr {
-			continue // a guard gap
+	// One read of smaps per arena (one for the regions from New, one per
+	// hot-added region): the guard gaps keep every VMA within one region, so
+	// each is attributed by its start address. The cost does not grow with
+	// the guest's size (mincore's would).
+	seen := map[*arena.Arena]bool{}
+	for _, r := range t.regions {
+		if seen[r.host] {
+			continue
 		}
-		out[i].Resident += uint64(v.Rss + v.Hugetlb)
-		out[i].Locked += uint64(v.Locked)
-		out[i].HugePages += uint64(v.HugePages)
+		seen[r.host] = true
+		st, err := r.host.Stats()
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range st.VMAs {
+			i := sort.Search(len(t.regions), func(i int) bool {
+				r := t.regions[i]
+				return r.HostAddr+uintptr(r.Size) > v.Start
+			})
+			if i == len(t.regions) || v.Start < t.regions[i].HostAddr || t.regions[i].host != r.host {
+				continue // a guard gap
+			}
+			out[i].Resident += uint64(v.Rss + v.Hugetlb)
+			out[i].Locked += uint64(v.Locked)
+			out[i].HugePages += uint64(v.HugePages)
+		}
 	}
 	return out, nil
 }
