@@ -100,6 +100,7 @@ func (m *Memory) setTracking(on bool) error {
 		return nil
 	}
 	m.tracking = on
+	m.snap.tracked = false // an increment needs tracking on since the last Save
 	regions := slices.Clone(t.regions)
 	for i := range regions {
 		regions[i].dirty = nil

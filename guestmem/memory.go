@@ -153,7 +153,7 @@ type Memory struct {
 	reg      *registration
 	tracking bool // dirty tracking on
 	overlay  bool // parts of anonymous memory are private file mappings (lazy restore)
-	snapID   [16]byte
+	snap     snapState
 }
 
 func closedErr(op string) error { return fmt.Errorf("guestmem: %s: %w", op, ErrClosed) }

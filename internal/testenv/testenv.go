@@ -4,6 +4,7 @@ package testenv
 
 import (
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -60,6 +61,34 @@ func VMAAt(t testing.TB, addr uintptr) (v VMA, ok bool) {
 		}
 	}
 	return v, ok
+}
+
+// GuestMappings counts this process's memory areas marked MADV_DONTDUMP
+// ("dd" in smaps): guest memory and arenas are, the Go runtime's are not, so
+// the count shows whether a failed setup left guest memory behind.
+func GuestMappings(t testing.TB) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmFlags:") && slices.Contains(strings.Fields(line)[1:], "dd") {
+			n++
+		}
+	}
+	return n
+}
+
+// OpenFDs counts this process's open file descriptors.
+func OpenFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
 
 // KVM opens /dev/kvm for a test. When it cannot, the test is skipped with

@@ -1,0 +1,499 @@
+package guestmem
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/gmem-vmm/gmem/arena"
+)
+
+// SnapshotInfo describes a snapshot stream.
+type SnapshotInfo struct {
+	ID          [16]byte
+	Base        [16]byte // the snapshot an incremental one applies on
+	Incremental bool
+	Layout      Layout
+	Records     uint64 // data and zero records
+	DataBytes   uint64 // guest bytes held as data
+	ZeroBytes   uint64 // guest bytes recorded as zero
+	Bytes       int64  // length of the stream
+}
+
+// snapReader parses one snapshot stream.
+type snapReader struct {
+	r       io.Reader
+	index   int   // position in the chain
+	off     int64 // bytes consumed
+	info    SnapshotInfo
+	batches uint64
+	next    GuestAddress // records must increase
+	block   [blockSize]byte
+}
+
+func (sr *snapReader) fail(at int64, err error) error {
+	return &SnapshotError{Index: sr.index, Offset: at, Err: err}
+}
+
+// readFull reads exactly len(b) bytes; a short stream is ErrSnapshotTruncated.
+func (sr *snapReader) readFull(b []byte) error {
+	n, err := io.ReadFull(sr.r, b)
+	sr.off += int64(n)
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return sr.fail(sr.off, fmt.Errorf("%w: stream ends after %d bytes", ErrSnapshotTruncated, sr.off))
+	}
+	return err
+}
+
+// skip passes over n payload bytes.
+func (sr *snapReader) skip(n int64) error {
+	if s, ok := sr.r.(io.Seeker); ok {
+		cur, err := s.Seek(n, io.SeekCurrent)
+		if err != nil {
+			return err
+		}
+		sr.off = cur
+		return nil
+	}
+	k, err := io.CopyN(io.Discard, sr.r, n)
+	sr.off += k
+	if errors.Is(err, io.EOF) {
+		return sr.fail(sr.off, fmt.Errorf("%w: stream ends after %d bytes", ErrSnapshotTruncated, sr.off))
+	}
+	return err
+}
+
+func (sr *snapReader) header(top GuestAddress) error {
+	b := sr.block[:]
+	if err := sr.readFull(b); err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	if string(b[:8]) != snapMagic {
+		return sr.fail(0, fmt.Errorf("%w: no snapshot magic", ErrSnapshotFormat))
+	}
+	if v := le.Uint32(b[8:]); v != SnapshotVersion {
+		return sr.fail(0, fmt.Errorf("%w: version %d, this package reads %d", ErrSnapshotVersion, v, SnapshotVersion))
+	}
+	flags, page, n, size := le.Uint32(b[12:]), le.Uint32(b[16:]), le.Uint32(b[20:]), le.Uint32(b[24:])
+	if flags&^flagIncrement != 0 || page != dirtyPage || n == 0 || n > maxSnapRegions ||
+		uint64(size) != alignUp(uint64(headerFixed)+uint64(n)*regionRecord, blockSize) {
+		return sr.fail(0, fmt.Errorf("%w: header fields (flags %#x, page %d, %d regions, %d bytes)",
+			ErrSnapshotFormat, flags, page, n, size))
+	}
+	hdr := make([]byte, size)
+	copy(hdr, b)
+	if err := sr.readFull(hdr[blockSize:]); err != nil {
+		return err
+	}
+	if got, want := blockCRC(hdr, 28), le.Uint32(hdr[28:]); got != want {
+		return sr.fail(0, fmt.Errorf("%w: header crc %#x, stored %#x", ErrSnapshotChecksum, got, want))
+	}
+	sr.info.Incremental = flags&flagIncrement != 0
+	copy(sr.info.ID[:], hdr[32:48])
+	copy(sr.info.Base[:], hdr[48:64])
+	for i := 0; i < int(n); i++ {
+		o := headerFixed + i*regionRecord
+		fl := le.Uint64(hdr[o+16:])
+		if fl&^regionReadOnly != 0 {
+			return sr.fail(0, fmt.Errorf("%w: region %d flags %#x", ErrSnapshotFormat, i, fl))
+		}
+		sr.info.Layout = append(sr.info.Layout, RegionSpec{GPA: GuestAddress(le.Uint64(hdr[o:])),
+			Size: le.Uint64(hdr[o+8:]), ReadOnly: fl&regionReadOnly != 0})
+	}
+	if err := sr.info.Layout.Validate(dirtyPage, top); err != nil {
+		return sr.fail(0, fmt.Errorf("%w: %w", ErrSnapshotLayout, err))
+	}
+	return nil
+}
+
+// batch reads the next index block. It returns nil entries at the end block.
+func (sr *snapReader) batch() ([]entry, error) {
+	at := sr.off
+	b := sr.block[:]
+	if err := sr.readFull(b); err != nil {
+		return nil, err
+	}
+	le := binary.LittleEndian
+	switch string(b[:8]) {
+	case endMagic:
+		if got, want := blockCRC(b, 12), le.Uint32(b[12:]); got != want {
+			return nil, sr.fail(at, fmt.Errorf("%w: end block crc %#x, stored %#x", ErrSnapshotChecksum, got, want))
+		}
+		if le.Uint64(b[16:]) != sr.batches || le.Uint64(b[24:]) != sr.info.Records || le.Uint64(b[32:]) != sr.info.DataBytes {
+			return nil, sr.fail(at, fmt.Errorf("%w: end block counts (%d batches, %d records, %d data bytes) differ "+
+				"from the stream's (%d, %d, %d)", ErrSnapshotFormat, le.Uint64(b[16:]), le.Uint64(b[24:]),
+				le.Uint64(b[32:]), sr.batches, sr.info.Records, sr.info.DataBytes))
+		}
+		sr.info.Bytes = sr.off
+		return nil, nil
+	case indexMagic:
+	default:
+		return nil, sr.fail(at, fmt.Errorf("%w: expected an index or end block", ErrSnapshotFormat))
+	}
+	if got, want := blockCRC(b, 12), le.Uint32(b[12:]); got != want {
+		return nil, sr.fail(at, fmt.Errorf("%w: index block crc %#x, stored %#x", ErrSnapshotChecksum, got, want))
+	}
+	count := le.Uint32(b[8:])
+	if count == 0 || count > maxEntries || le.Uint64(b[16:]) != sr.batches {
+		return nil, sr.fail(at, fmt.Errorf("%w: index block %d holds %d records", ErrSnapshotFormat, le.Uint64(b[16:]),
+			count))
+	}
+	entries := make([]entry, count)
+	payload := sr.off
+	for i := range entries {
+		o := 32 + i*entrySize
+		e := entry{gpa: GuestAddress(le.Uint64(b[o:])), n: le.Uint64(b[o+8:]), kind: le.Uint32(b[o+16:])}
+		if e.n == 0 || e.n%dirtyPage != 0 || uint64(e.gpa)%dirtyPage != 0 || e.kind != kindData && e.kind != kindZero ||
+			e.gpa < sr.next || e.n > uint64(MaxGuestAddress) {
+			return nil, sr.fail(at, fmt.Errorf("%w: record %d [%v, +%#x) kind %d", ErrSnapshotFormat, i, e.gpa, e.n, e.kind))
+		}
+		if !sr.info.Layout.covers(e.gpa, e.n) {
+			return nil, sr.fail(at, fmt.Errorf("%w: record [%v, +%#x) is not in the snapshot's guest RAM",
+				ErrSnapshotLayout, e.gpa, e.n))
+		}
+		sr.next = e.gpa + GuestAddress(e.n)
+		if e.kind == kindData {
+			e.at = payload
+			payload += int64(e.n)
+			sr.info.DataBytes += e.n
+		} else {
+			sr.info.ZeroBytes += e.n
+		}
+		sr.info.Records++
+		entries[i] = e
+	}
+	return entries, nil
+}
+
+// sums reads the checksum block that ends a batch and compares it with got
+// (nil: only the block's own checksum is checked).
+func (sr *snapReader) sums(entries []entry, got []uint32) error {
+	at := sr.off
+	b := sr.block[:]
+	if err := sr.readFull(b); err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	if string(b[:8]) != sumMagic || le.Uint32(b[8:]) != uint32(len(entries)) || le.Uint64(b[16:]) != sr.batches {
+		return sr.fail(at, fmt.Errorf("%w: expected the checksum block of batch %d", ErrSnapshotFormat, sr.batches))
+	}
+	if c, want := blockCRC(b, 12), le.Uint32(b[12:]); c != want {
+		return sr.fail(at, fmt.Errorf("%w: checksum block crc %#x, stored %#x", ErrSnapshotChecksum, c, want))
+	}
+	for i, e := range entries {
+		if got != nil && e.kind == kindData && got[i] != le.Uint32(b[32+i*4:]) {
+			return sr.fail(e.at, fmt.Errorf("%w: data of [%v, +%#x): crc %#x, stored %#x", ErrSnapshotChecksum, e.gpa,
+				e.n, got[i], le.Uint32(b[32+i*4:])))
+		}
+	}
+	sr.batches++
+	return nil
+}
+
+// covers reports whether [a, a+n) lies in guest RAM of the layout, which is
+// valid (sorted or not, no overlaps).
+func (l Layout) covers(a GuestAddress, n uint64) bool {
+	sorted := slices.Clone(l)
+	slices.SortFunc(sorted, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
+	pos, end := a, a+GuestAddress(n)
+	for _, r := range sorted {
+		if pos >= end {
+			break
+		}
+		if r.End() <= pos {
+			continue
+		}
+		if r.GPA > pos {
+			return false
+		}
+		pos = min(end, r.End())
+	}
+	return pos >= end
+}
+
+// chainCheck checks stream i of a chain against the one before it.
+func chainCheck(i int, prev *SnapshotInfo, cur *snapReader) error {
+	switch {
+	case i == 0 && cur.info.Incremental:
+		return cur.fail(0, fmt.Errorf("%w: the first snapshot is incremental; restore its base first", ErrSnapshotChain))
+	case i > 0 && !cur.info.Incremental:
+		return cur.fail(0, fmt.Errorf("%w: snapshot %d is a full snapshot, not an increment", ErrSnapshotChain, i))
+	case i > 0 && cur.info.Base != prev.ID:
+		return cur.fail(0, fmt.Errorf("%w: snapshot %d was taken on base %x, not on %x", ErrSnapshotChain, i,
+			cur.info.Base[:4], prev.ID[:4]))
+	case i > 0 && !slices.Equal(cur.info.Layout, prev.Layout):
+		return cur.fail(0, fmt.Errorf("%w: snapshot %d's layout differs from its base's", ErrSnapshotLayout, i))
+	}
+	return nil
+}
+
+// Restore builds new guest memory from a snapshot stream and any increments
+// taken on it, in order, eagerly: every saved page is read into memory and
+// checked against its checksum. opts choose the backing (and the rest) as
+// for New; the layout comes from the snapshot. A malformed, truncated,
+// corrupt or unknown-version stream, a record outside the layout, or an
+// increment that does not follow its predecessor is a *SnapshotError, and
+// then no Memory is returned: nothing half-restored escapes. The readers
+// are only read.
+func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory, error) {
+	if len(streams) == 0 {
+		return nil, fmt.Errorf("guestmem: Restore: no snapshot: %w", ErrBadOption)
+	}
+	c := config{top: MaxGuestAddress}
+	for _, o := range opts {
+		o(&c)
+	}
+	var m *Memory
+	var prev *SnapshotInfo
+	for i, r := range streams {
+		sr := &snapReader{r: r, index: i}
+		err := sr.header(c.top)
+		if err == nil {
+			err = chainCheck(i, prev, sr)
+		}
+		if err == nil && m == nil {
+			m, err = New(sr.info.Layout, opts...)
+		}
+		if err == nil {
+			err = m.apply(ctx, sr)
+		}
+		if err != nil {
+			if m != nil {
+				err = errors.Join(err, m.Close())
+			}
+			return nil, fmt.Errorf("guestmem: Restore: %w", err)
+		}
+		prev = &sr.info
+	}
+	m.snap = snapState{id: prev.ID, layout: prev.Layout}
+	return m, nil
+}
+
+// apply reads the records of sr into m.
+func (m *Memory) apply(ctx context.Context, sr *snapReader) error {
+	crcs := make([]uint32, maxEntries)
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		entries, err := sr.batch()
+		if err != nil || entries == nil {
+			return err
+		}
+		for i, e := range entries {
+			crcs[i] = 0
+			if e.kind == kindZero {
+				if err := m.zero(e.gpa, e.n); err != nil {
+					return err
+				}
+				continue
+			}
+			h := crc32.New(castagnoli)
+			n, err := m.CopyFrom(e.gpa, io.TeeReader(sr.r, h), e.n)
+			sr.off += n
+			if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+				return sr.fail(sr.off, fmt.Errorf("%w: stream ends inside the data of [%v, +%#x)", ErrSnapshotTruncated,
+					e.gpa, e.n))
+			}
+			if err != nil {
+				return err
+			}
+			crcs[i] = h.Sum32()
+		}
+		if err := sr.sums(entries, crcs[:len(entries)]); err != nil {
+			return err
+		}
+	}
+}
+
+// zero makes [a, a+n) read as zeros: Discard where it can, else writing.
+func (m *Memory) zero(a GuestAddress, n uint64) error {
+	if uint64(a)%m.pageSize == 0 && n%m.pageSize == 0 {
+		if err := m.Discard(a, n); !errors.Is(err, ErrReadOnly) {
+			return err
+		}
+	}
+	buf := make([]byte, min(n, 1<<20))
+	for done := uint64(0); done < n; {
+		k := min(n-done, uint64(len(buf)))
+		if _, err := m.WriteAt(buf[:k], int64(a)+int64(done)); err != nil {
+			return err
+		}
+		done += k
+	}
+	return nil
+}
+
+// Verify reads a snapshot stream to its end, checking its structure and
+// every checksum, without building guest memory, and describes it.
+func Verify(ctx context.Context, r io.Reader) (SnapshotInfo, error) {
+	sr := &snapReader{r: r}
+	if err := sr.header(MaxGuestAddress); err != nil {
+		return SnapshotInfo{}, err
+	}
+	crcs := make([]uint32, maxEntries)
+	for {
+		if err := ctx.Err(); err != nil {
+			return SnapshotInfo{}, err
+		}
+		entries, err := sr.batch()
+		if err != nil {
+			return SnapshotInfo{}, err
+		}
+		if entries == nil {
+			return sr.info, nil
+		}
+		for i, e := range entries {
+			if e.kind != kindData {
+				continue
+			}
+			h := crc32.New(castagnoli)
+			k, err := io.CopyN(h, sr.r, int64(e.n))
+			sr.off += k
+			if errors.Is(err, io.EOF) {
+				return SnapshotInfo{}, sr.fail(sr.off, fmt.Errorf("%w: stream ends inside the data of [%v, +%#x)",
+					ErrSnapshotTruncated, e.gpa, e.n))
+			}
+			if err != nil {
+				return SnapshotInfo{}, err
+			}
+			crcs[i] = h.Sum32()
+		}
+		if err := sr.sums(entries, crcs[:len(entries)]); err != nil {
+			return SnapshotInfo{}, err
+		}
+	}
+}
+
+// RestoreLazy builds guest memory from snapshot files (a full snapshot and
+// any increments on it, in order) without reading their data: each saved
+// run of pages is mapped privately from its file at its guest address, so
+// pages load on first touch, by the guest or the host (Firecracker's file
+// backend). Everything but the payload checksums is checked first — the
+// header, every index and checksum block, the chain and the layout — so a
+// bad file gives a *SnapshotError and no Memory; run Verify beforehand to
+// check the payloads too. The files are opened read-only by the caller,
+// never written (writes go to private copies), and may be closed after the
+// call. The memory is Anonymous where no record maps a file; opts may set
+// WithGuardGap, WithMaxAddress, WithoutTransparentHugepages and WithName.
+func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory, error) {
+	if len(files) == 0 {
+		return nil, fmt.Errorf("guestmem: RestoreLazy: no snapshot: %w", ErrBadOption)
+	}
+	c := config{top: MaxGuestAddress}
+	for _, o := range opts {
+		o(&c)
+	}
+	if c.backing != Anonymous || c.hotplug != 0 {
+		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: lazily restored memory is anonymous with file-backed "+
+			"pages; backing and hotplug options do not apply", ErrBadOption)
+	}
+	type plan struct {
+		f       *os.File
+		entries []entry
+	}
+	var plans []plan
+	var prev *SnapshotInfo
+	mappings := 0
+	for i, f := range files {
+		st, err := f.Stat()
+		if err != nil {
+			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+		}
+		sr := &snapReader{r: io.NewSectionReader(f, 0, st.Size()), index: i}
+		err = sr.header(c.top)
+		if err == nil {
+			err = chainCheck(i, prev, sr)
+		}
+		var all []entry
+		for err == nil {
+			if err = ctx.Err(); err != nil {
+				break
+			}
+			var entries []entry
+			entries, err = sr.batch()
+			if err != nil || entries == nil {
+				break
+			}
+			var data int64
+			for _, e := range entries {
+				if e.kind == kindData {
+					data += int64(e.n)
+				}
+			}
+			if err = sr.skip(data); err == nil {
+				err = sr.sums(entries, nil)
+			}
+			all = append(all, entries...)
+		}
+		if err == nil && sr.info.Bytes > st.Size() {
+			err = sr.fail(st.Size(), fmt.Errorf("%w: file has %d bytes", ErrSnapshotTruncated, st.Size()))
+		}
+		if err != nil {
+			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+		}
+		mappings += len(all)
+		plans = append(plans, plan{f: f, entries: all})
+		prev = &sr.info
+	}
+	if limit := maxMapCount(); mappings > limit/2 {
+		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: the snapshots hold %d records, each a memory area, and "+
+			"vm.max_map_count is %d: restore eagerly, or raise the limit", ErrBacking, mappings, limit)
+	}
+	m, err := New(prev.Layout, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+	}
+	m.overlay = true
+	t := m.tab.Load()
+	for _, p := range plans {
+		for _, e := range p.entries {
+			pieces, err := t.resolve("RestoreLazy", e.gpa, e.n)
+			at := e.at
+			for _, pc := range pieces {
+				if err != nil {
+					break
+				}
+				if e.kind == kindData {
+					err = pc.a.AddFDMapping(pc.off, pc.n, int(p.f.Fd()), at, arena.ProtReadWrite, arena.Private(),
+						arena.NoReserve(), arena.Replace())
+				} else {
+					err = pc.a.AddAnonMapping(pc.off, pc.n, arena.ProtReadWrite, arena.Private(), arena.NoReserve(),
+						arena.Replace())
+				}
+				if err == nil {
+					err = m.applyDefaults(pc.a, pc.off, pc.n)
+				}
+				at += pc.n
+			}
+			if err != nil {
+				return nil, errors.Join(fmt.Errorf("guestmem: RestoreLazy: mapping [%v, +%#x): %w", e.gpa, e.n, err),
+					m.Close())
+			}
+		}
+	}
+	m.snap = snapState{id: prev.ID, layout: prev.Layout}
+	return m, nil
+}
+
+// maxMapCount reads vm.max_map_count (65530 if unreadable).
+func maxMapCount() int {
+	b, err := os.ReadFile("/proc/sys/vm/max_map_count")
+	if err != nil {
+		return 65530
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(bytes.TrimSpace(b))))
+	if err != nil {
+		return 65530
+	}
+	return n
+}

@@ -1,0 +1,547 @@
+package guestmem
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// SnapshotVersion is the version of the snapshot format Save writes and
+// Restore reads. docs/guestmem.md specifies it.
+const SnapshotVersion = 1
+
+// Snapshot errors. Every error from Restore, RestoreLazy and Verify about
+// the stream itself is a *SnapshotError wrapping one of them.
+var (
+	// ErrSnapshotFormat: not a snapshot, or a block is malformed.
+	ErrSnapshotFormat = errors.New("guestmem: malformed snapshot")
+	// ErrSnapshotVersion: a version this package does not read.
+	ErrSnapshotVersion = errors.New("guestmem: unknown snapshot version")
+	// ErrSnapshotChecksum: a block or payload does not match its checksum.
+	ErrSnapshotChecksum = errors.New("guestmem: snapshot checksum mismatch")
+	// ErrSnapshotTruncated: the stream ends before its end block.
+	ErrSnapshotTruncated = errors.New("guestmem: snapshot truncated")
+	// ErrSnapshotLayout: a record lies outside the snapshot's layout, or an
+	// incremental snapshot's layout differs from its base's.
+	ErrSnapshotLayout = errors.New("guestmem: snapshot layout mismatch")
+	// ErrSnapshotChain: the first snapshot is incremental, a later one is not,
+	// or an incremental one was taken on another base.
+	ErrSnapshotChain = errors.New("guestmem: snapshot chain broken")
+	// ErrNeedFullSave: an incremental Save is impossible — no earlier Save,
+	// dirty tracking was not on continuously since it, or the layout changed
+	// (hotplug) since.
+	ErrNeedFullSave = errors.New("guestmem: incremental save needs a full save first")
+)
+
+// SnapshotError reports a problem with a snapshot stream.
+type SnapshotError struct {
+	Index  int   // which stream of a chain (0: the base)
+	Offset int64 // byte offset in that stream of the block at fault
+	Err    error // a sentinel, possibly wrapping detail
+}
+
+func (e *SnapshotError) Error() string {
+	return fmt.Sprintf("guestmem: snapshot %d at byte %d: %v", e.Index, e.Offset, e.Err)
+}
+
+// Unwrap returns the cause.
+func (e *SnapshotError) Unwrap() error { return e.Err }
+
+const (
+	blockSize      = 4096
+	headerFixed    = 64
+	regionRecord   = 32
+	maxSnapRegions = 1 << 16
+	entrySize      = 32
+	maxEntries     = (blockSize - 32) / entrySize // 127 per index block
+	kindData       = 1
+	kindZero       = 2
+	flagIncrement  = 1
+	regionReadOnly = 1
+	snapMagic      = "GMEMSNAP"
+	indexMagic     = "GMEMIDX\x00"
+	sumMagic       = "GMEMSUM\x00"
+	endMagic       = "GMEMEND\x00"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// blockCRC is the CRC-32C of b with its 4 bytes at off taken as zero.
+func blockCRC(b []byte, off int) uint32 {
+	c := crc32.Update(0, castagnoli, b[:off])
+	c = crc32.Update(c, castagnoli, []byte{0, 0, 0, 0})
+	return crc32.Update(c, castagnoli, b[off+4:])
+}
+
+type snapHeader struct {
+	flags   uint32
+	regions Layout
+	id      [16]byte
+	base    [16]byte
+}
+
+func (h *snapHeader) size() int {
+	return int(alignUp(uint64(headerFixed+len(h.regions)*regionRecord), blockSize))
+}
+
+func (h *snapHeader) marshal() []byte {
+	b := make([]byte, h.size())
+	copy(b, snapMagic)
+	le := binary.LittleEndian
+	le.PutUint32(b[8:], SnapshotVersion)
+	le.PutUint32(b[12:], h.flags)
+	le.PutUint32(b[16:], dirtyPage)
+	le.PutUint32(b[20:], uint32(len(h.regions)))
+	le.PutUint32(b[24:], uint32(len(b)))
+	copy(b[32:], h.id[:])
+	copy(b[48:], h.base[:])
+	for i, r := range h.regions {
+		o := headerFixed + i*regionRecord
+		le.PutUint64(b[o:], uint64(r.GPA))
+		le.PutUint64(b[o+8:], r.Size)
+		if r.ReadOnly {
+			le.PutUint64(b[o+16:], regionReadOnly)
+		}
+	}
+	le.PutUint32(b[28:], blockCRC(b, 28))
+	return b
+}
+
+// entry is one record of an index block.
+type entry struct {
+	gpa  GuestAddress
+	n    uint64
+	kind uint32
+	at   int64 // stream offset of the payload (data records)
+}
+
+// SaveOptions tunes Save.
+type SaveOptions struct {
+	// Incremental writes only the pages dirtied since the previous Save
+	// (data, or a zero record where a page became zero). It needs dirty
+	// tracking on continuously since that Save, and the same layout.
+	Incremental bool
+}
+
+// SaveStats describes a finished Save.
+type SaveStats struct {
+	ID          [16]byte // the snapshot's identity; an incremental one names it as its base
+	Incremental bool
+	Bytes       int64         // bytes written to the stream
+	DataBytes   uint64        // guest bytes saved as data
+	ZeroBytes   uint64        // guest bytes saved as zero records (incremental)
+	Records     uint64        // data and zero records
+	Duration    time.Duration // wall time of Save
+}
+
+// Save streams guest memory to w in the snapshot format (docs/guestmem.md):
+// the layout, then only populated, non-zero data — holes are skipped with
+// SEEK_DATA/SEEK_HOLE on memfd backings and mincore on anonymous memory, and
+// all-zero pages are not written — in checksummed batches. With
+// o.Incremental it writes only pages dirtied since the previous Save. The
+// vCPUs must be paused (no guest writes) while it runs; a full Save with
+// dirty tracking on resets the dirty set, starting the next increment. On
+// error the dirty pages of an incremental Save are kept for the next try.
+func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStats, error) {
+	start := time.Now()
+	m.wmu.Lock()
+	defer m.wmu.Unlock()
+	t, err := m.acquire("Save")
+	if err != nil {
+		return SaveStats{}, err
+	}
+	defer t.release()
+	h := snapHeader{}
+	for _, r := range t.regions {
+		h.regions = append(h.regions, RegionSpec{GPA: r.GPA, Size: r.Size, ReadOnly: r.ReadOnly})
+	}
+	if _, err := rand.Read(h.id[:]); err != nil {
+		return SaveStats{}, fmt.Errorf("guestmem: Save: %w", err)
+	}
+	var dirty *DirtySet
+	if o.Incremental {
+		switch {
+		case m.snap.id == [16]byte{}:
+			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: no earlier Save", ErrNeedFullSave)
+		case !m.tracking || !m.snap.tracked:
+			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: dirty tracking was not on since the last Save",
+				ErrNeedFullSave)
+		case !slices.Equal(m.snap.layout, h.regions):
+			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: the layout changed since the last Save", ErrNeedFullSave)
+		}
+		h.flags, h.base = flagIncrement, m.snap.id
+		if dirty, err = m.collectLocked("Save"); err != nil {
+			return SaveStats{}, err
+		}
+	} else if m.tracking {
+		if _, err := m.collectLocked("Save"); err != nil { // this Save starts the next increment
+			return SaveStats{}, err
+		}
+	}
+	sw := &snapWriter{w: w, m: m, t: t, ctx: ctx, stats: SaveStats{ID: h.id, Incremental: o.Incremental}}
+	err = sw.write(h.marshal())
+	if err == nil {
+		if dirty != nil {
+			err = sw.saveDirty(dirty)
+		} else {
+			err = sw.saveFull()
+		}
+	}
+	if err == nil {
+		err = sw.flush()
+	}
+	if err == nil {
+		err = sw.end()
+	}
+	if err != nil {
+		if dirty != nil { // keep the increment for the next try
+			for s := range dirty.Ranges() {
+				if ps, rerr := t.resolve("Save", s.GPA, s.Size); rerr == nil {
+					for _, pc := range ps {
+						t.markDirty(pc, pc.n)
+					}
+				}
+			}
+		}
+		return sw.stats, fmt.Errorf("guestmem: Save: %w", err)
+	}
+	m.snap = snapState{id: h.id, layout: h.regions, tracked: m.tracking}
+	sw.stats.Duration = time.Since(start)
+	return sw.stats, nil
+}
+
+// snapState remembers the last Save (or Restore) for incremental saves.
+type snapState struct {
+	id      [16]byte
+	layout  Layout
+	tracked bool // dirty tracking was on at that point
+}
+
+type snapWriter struct {
+	w       io.Writer
+	m       *Memory
+	t       *table
+	ctx     context.Context
+	stats   SaveStats
+	pending []entry
+	data    uint64 // payload bytes pending
+	batches uint64
+	crcs    []uint32
+}
+
+func (sw *snapWriter) write(b []byte) error {
+	n, err := sw.w.Write(b)
+	sw.stats.Bytes += int64(n)
+	if err == nil && n < len(b) {
+		err = io.ErrShortWrite
+	}
+	return err
+}
+
+// add queues a record, merging it with the previous one where they touch.
+// It never writes: the scan that calls it runs inside an arena access.
+func (sw *snapWriter) add(e entry) error {
+	if e.kind == kindData {
+		sw.data += e.n
+	}
+	if k := len(sw.pending); k > 0 {
+		last := &sw.pending[k-1]
+		if last.kind == e.kind && last.gpa+GuestAddress(last.n) == e.gpa && sw.t.sameRegion(last.gpa, e.gpa) {
+			last.n += e.n
+			return nil
+		}
+	}
+	sw.pending = append(sw.pending, e)
+	return nil
+}
+
+// scanWindow bounds how much is scanned before the records found are
+// written, so the payload is still warm when it is.
+const scanWindow = 64 << 20
+
+func (sw *snapWriter) maybeFlush() error {
+	if len(sw.pending) >= maxEntries || sw.data >= scanWindow {
+		return sw.flush()
+	}
+	return nil
+}
+
+func (t *table) sameRegion(a, b GuestAddress) bool {
+	i, ok1 := t.find(a)
+	j, ok2 := t.find(b)
+	return ok1 && ok2 && i == j
+}
+
+// flush writes the pending records, in batches of up to maxEntries.
+func (sw *snapWriter) flush() error {
+	for len(sw.pending) > 0 {
+		k := min(len(sw.pending), maxEntries)
+		if err := sw.batch(sw.pending[:k]); err != nil {
+			return err
+		}
+		sw.pending = sw.pending[k:]
+	}
+	sw.pending, sw.data = nil, 0
+	return nil
+}
+
+// batch writes one index block, its payloads and its checksum block.
+func (sw *snapWriter) batch(pending []entry) error {
+	if err := sw.ctx.Err(); err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	idx := make([]byte, blockSize)
+	copy(idx, indexMagic)
+	le.PutUint32(idx[8:], uint32(len(pending)))
+	le.PutUint64(idx[16:], sw.batches)
+	for i, e := range pending {
+		o := 32 + i*entrySize
+		le.PutUint64(idx[o:], uint64(e.gpa))
+		le.PutUint64(idx[o+8:], e.n)
+		le.PutUint32(idx[o+16:], e.kind)
+	}
+	le.PutUint32(idx[12:], blockCRC(idx, 12))
+	if err := sw.write(idx); err != nil {
+		return err
+	}
+	sum := make([]byte, blockSize)
+	copy(sum, sumMagic)
+	le.PutUint32(sum[8:], uint32(len(pending)))
+	le.PutUint64(sum[16:], sw.batches)
+	for i, e := range pending {
+		sw.stats.Records++
+		if e.kind != kindData {
+			sw.stats.ZeroBytes += e.n
+			continue
+		}
+		cw := &crcWriter{w: sw}
+		if _, err := sw.m.copyToLocked(sw.t, cw, e.gpa, e.n); err != nil {
+			return err
+		}
+		le.PutUint32(sum[32+i*4:], cw.crc)
+		sw.stats.DataBytes += e.n
+	}
+	le.PutUint32(sum[12:], blockCRC(sum, 12))
+	if err := sw.write(sum); err != nil {
+		return err
+	}
+	sw.batches++
+	return nil
+}
+
+func (sw *snapWriter) end() error {
+	le := binary.LittleEndian
+	b := make([]byte, blockSize)
+	copy(b, endMagic)
+	le.PutUint64(b[16:], sw.batches)
+	le.PutUint64(b[24:], sw.stats.Records)
+	le.PutUint64(b[32:], sw.stats.DataBytes)
+	le.PutUint32(b[12:], blockCRC(b, 12))
+	return sw.write(b)
+}
+
+// crcWriter checksums and writes in pieces small enough to stay in cache
+// between the two, so the payload is read from memory once.
+type crcWriter struct {
+	w   *snapWriter
+	crc uint32
+}
+
+func (c *crcWriter) Write(b []byte) (int, error) {
+	const piece = 256 << 10
+	done := 0
+	for done < len(b) {
+		p := b[done:min(len(b), done+piece)]
+		c.crc = crc32.Update(c.crc, castagnoli, p)
+		if err := c.w.write(p); err != nil {
+			return done, err
+		}
+		done += len(p)
+	}
+	return done, nil
+}
+
+// copyToLocked is CopyTo on a table the caller holds.
+func (m *Memory) copyToLocked(t *table, w io.Writer, a GuestAddress, n uint64) (int64, error) {
+	pieces, err := t.resolve("Save", a, n)
+	if err != nil {
+		return 0, err
+	}
+	var done int64
+	for _, pc := range pieces {
+		k, err := pc.a.CopyTo(w, pc.off, pc.n)
+		done += k
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+var zeroPage [dirtyPage]byte
+
+// scanner classifies pages as zero or data while the arena hands it the
+// range (fault-protected, zero-copy), and emits records.
+type scanner struct {
+	sw        *snapWriter
+	pos       GuestAddress // guest address of the next byte
+	keepZeros bool         // emit zero records (incremental) rather than skip
+	run       entry        // the run being built; n == 0 when none
+	err       error
+}
+
+func (s *scanner) Write(b []byte) (int, error) {
+	for i := 0; i < len(b); i += dirtyPage {
+		if err := s.sw.ctx.Err(); err != nil && i%(1<<20) == 0 {
+			return i, err
+		}
+		p := b[i:min(len(b), i+dirtyPage)]
+		kind := uint32(kindData)
+		if p[0] == 0 && bytes.Equal(p, zeroPage[:len(p)]) {
+			kind = kindZero
+		}
+		s.page(kind, uint64(len(p)))
+		if s.err != nil {
+			return i, s.err
+		}
+	}
+	return len(b), nil
+}
+
+func (s *scanner) page(kind uint32, n uint64) {
+	if kind == kindZero && !s.keepZeros {
+		s.close()
+		s.pos += GuestAddress(n)
+		return
+	}
+	if s.run.n > 0 && s.run.kind != kind {
+		s.close()
+	}
+	if s.run.n == 0 {
+		s.run = entry{gpa: s.pos, kind: kind}
+	}
+	s.run.n += n
+	s.pos += GuestAddress(n)
+}
+
+func (s *scanner) close() {
+	if s.run.n > 0 && s.err == nil {
+		s.err = s.sw.add(s.run)
+	}
+	s.run = entry{}
+}
+
+// scan classifies [a, a+n), which lies in one region, a window at a time,
+// writing the records found between windows.
+func (sw *snapWriter) scan(a GuestAddress, n uint64, keepZeros bool) error {
+	s := &scanner{sw: sw, pos: a, keepZeros: keepZeros}
+	for done := uint64(0); done < n; {
+		k := min(n-done, scanWindow)
+		if _, err := sw.m.copyToLocked(sw.t, s, a+GuestAddress(done), k); err != nil {
+			return err
+		}
+		done += k
+		if done < n && (len(sw.pending) >= maxEntries || sw.data >= scanWindow) {
+			s.close() // a run may continue into the next window: cut it here
+			if err := sw.flush(); err != nil {
+				return err
+			}
+		}
+	}
+	s.close()
+	return errors.Join(s.err, sw.maybeFlush())
+}
+
+func (sw *snapWriter) saveDirty(d *DirtySet) error {
+	for s := range d.Ranges() {
+		if err := sw.scan(s.GPA, s.Size, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// saveFull scans the populated parts of every region.
+func (sw *snapWriter) saveFull() error {
+	m := sw.m
+	for _, r := range sw.t.regions {
+		extents, err := m.populated(r)
+		if err != nil {
+			return err
+		}
+		for _, e := range extents {
+			if err := sw.scan(r.GPA+GuestAddress(e.off), uint64(e.n), false); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// populated returns the parts of r (offsets within it) that may hold data:
+// SEEK_DATA/SEEK_HOLE on a memfd, mincore on anonymous memory, and all of
+// it for private file mappings (whose unread pages are data in the file).
+func (m *Memory) populated(r Region) ([]fdRange, error) {
+	switch {
+	case m.backing == Memfd || m.backing == Hugetlb:
+		var out []fdRange
+		end := r.FDOffset + int64(r.Size)
+		for pos := r.FDOffset; pos < end; {
+			d, err := unix.Seek(m.fd, pos, unix.SEEK_DATA)
+			if errors.Is(err, unix.ENXIO) || err == nil && d >= end {
+				break
+			}
+			if err != nil {
+				return nil, os.NewSyscallError("lseek(SEEK_DATA)", err)
+			}
+			h, err := unix.Seek(m.fd, d, unix.SEEK_HOLE)
+			if err != nil {
+				return nil, os.NewSyscallError("lseek(SEEK_HOLE)", err)
+			}
+			h = min(h, end)
+			out = append(out, fdRange{off: d - r.FDOffset, n: h - d})
+			pos = h
+		}
+		return out, nil
+	case m.backing == Anonymous && !m.overlay:
+		var out []fdRange
+		const window = 256 << 20
+		for off := int64(0); off < int64(r.Size); off += window {
+			n := min(window, int64(r.Size)-off)
+			res, err := r.host.Resident(r.ArenaOffset+off, n)
+			if err != nil {
+				return nil, err
+			}
+			for i := 0; i < len(res); {
+				if !res[i] {
+					i++
+					continue
+				}
+				j := i
+				for j < len(res) && res[j] {
+					j++
+				}
+				p := off + int64(i)*dirtyPage
+				if k := len(out); k > 0 && out[k-1].off+out[k-1].n == p {
+					out[k-1].n += int64(j-i) * dirtyPage
+				} else {
+					out = append(out, fdRange{off: p, n: int64(j-i) * dirtyPage})
+				}
+				i = j
+			}
+		}
+		return out, nil
+	}
+	return []fdRange{{off: 0, n: int64(r.Size)}}, nil
+}
