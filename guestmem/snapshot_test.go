@@ -235,4 +235,3 @@ func blockCRC(b []byte, off int) uint32 {
 	copy(c[off:], []byte{0, 0, 0, 0})
 	return crc32.Checksum(c, crc32.MakeTable(crc32.Castagnoli))
 }
-
