@@ -224,14 +224,22 @@ func (m *Memory) collectLocked(op string) (*DirtySet, error) {
 				continue
 			}
 			d.pages += uint64(bits.OnesCount64(v))
-			for b := 0; b < 64; b++ {
-				p := uint64(w)*64 + uint64(b)
-				if v&(1<<b) != 0 {
-					if runStart < 0 {
-						runStart = int64(p)
+			// Walk the word run by run: the next set bit when outside a run,
+			// the next clear bit inside one (shifting in zeros above bit 63
+			// reads as "still set", so a run at the top continues into the
+			// next word).
+			base := uint64(w) * 64
+			for b := 0; b < 64; {
+				if runStart < 0 {
+					b += bits.TrailingZeros64(v >> b)
+					if b < 64 {
+						runStart = int64(base) + int64(b)
 					}
 				} else {
-					flush(p)
+					b += bits.TrailingZeros64(^v >> b)
+					if b < 64 {
+						flush(base + uint64(b))
+					}
 				}
 			}
 		}
