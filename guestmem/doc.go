@@ -12,6 +12,11 @@
 // SetHugepages) applies to the whole guest or to guest-physical spans, and
 // Prefault populates guest RAM in parallel before the guest runs.
 //
-// Registration with KVM memory slots, balloon, hotplug, dirty tracking and
-// snapshots are not here yet: they build on the kvm package.
+// Register gives each region a KVM memory slot. A running guest's memory can
+// grow and shrink (AddRegion, RemoveRegion: the region table is replaced
+// atomically, and readers never lock it), give pages back to the host
+// (Discard), be tracked for dirty pages (the union of KVM's dirty log and
+// guestmem's own writes), and be saved to and restored from a checksummed
+// snapshot stream (Save, Restore, RestoreLazy, Verify), whose format
+// docs/guestmem.md specifies.
 package guestmem

@@ -1,9 +1,11 @@
 package guestmem_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 
 	"github.com/gmem-vmm/gmem/guestmem"
@@ -75,5 +77,56 @@ func ExampleMemory_Prefault() {
 	fmt.Println(st[0].Resident == st[0].Size)
 	// Output:
 	// prefaulted 256 MiB
+	// true
+}
+
+// Save a guest's memory and restore it into a new Memory: only the page that
+// was written travels.
+func ExampleMemory_Save() {
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 64 << 20}})
+	if err != nil {
+		panic(err)
+	}
+	defer m.Close()
+	if err := m.WriteUint64(0x1000, 42); err != nil {
+		panic(err)
+	}
+	var snap bytes.Buffer
+	st, err := m.Save(context.Background(), &snap, guestmem.SaveOptions{})
+	if err != nil {
+		panic(err)
+	}
+	r, err := guestmem.Restore(context.Background(), []io.Reader{&snap})
+	if err != nil {
+		panic(err)
+	}
+	defer r.Close()
+	v, _ := r.ReadUint64(0x1000)
+	fmt.Println("data saved:", st.DataBytes, "bytes; restored value:", v)
+	// Output: data saved: 4096 bytes; restored value: 42
+}
+
+// Hot-add a region, write into it, give part of it back to the host, and
+// remove it.
+func ExampleMemory_AddRegion() {
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 2 << 20}}, guestmem.WithBacking(guestmem.Memfd),
+		guestmem.WithHotplug(8<<20))
+	if err != nil {
+		panic(err)
+	}
+	defer m.Close()
+	r, err := m.AddRegion(guestmem.RegionSpec{GPA: 1 << 32, Size: 8 << 20})
+	if err != nil {
+		panic(err)
+	}
+	_ = m.WriteUint64(r.GPA, 7)
+	_ = m.Discard(r.GPA, 4096) // balloon: the page is freed and reads zero
+	v, _ := m.ReadUint64(r.GPA)
+	fmt.Println(len(m.Regions()), "regions; after discard:", v)
+	_ = m.RemoveRegion(r.GPA)
+	_, err = m.ReadUint64(r.GPA)
+	fmt.Println(errors.Is(err, guestmem.ErrHole))
+	// Output:
+	// 2 regions; after discard: 0
 	// true
 }
