@@ -61,6 +61,7 @@ type config struct {
 	guard    uint64
 	name     string
 	hotplug  uint64
+	expect   Layout // Restore: the layout the snapshot must have
 }
 
 // WithBacking chooses the backing (default Anonymous).

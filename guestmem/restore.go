@@ -220,6 +220,25 @@ func (l Layout) covers(a GuestAddress, n uint64) bool {
 	return pos >= end
 }
 
+// WithLayout makes Restore and RestoreLazy check that the snapshot's layout
+// is l (in any order): the guest the VMM is about to run expects that memory
+// map, and a snapshot of another is ErrSnapshotLayout. New ignores it.
+func WithLayout(l Layout) Option { return func(c *config) { c.expect = slices.Clone(l) } }
+
+// expectLayout checks the snapshot's layout against WithLayout's.
+func (c *config) expectLayout(sr *snapReader) error {
+	if c.expect == nil {
+		return nil
+	}
+	want := slices.Clone(c.expect)
+	slices.SortFunc(want, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
+	if !slices.Equal(want, sr.info.Layout) {
+		return sr.fail(0, fmt.Errorf("%w: the snapshot has %v, the caller expects %v", ErrSnapshotLayout,
+			sr.info.Layout, want))
+	}
+	return nil
+}
+
 // chainCheck checks stream i of a chain against the one before it.
 func chainCheck(i int, prev *SnapshotInfo, cur *snapReader) error {
 	switch {
@@ -259,6 +278,9 @@ func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory,
 		err := sr.header(c.top)
 		if err == nil {
 			err = chainCheck(i, prev, sr)
+		}
+		if err == nil {
+			err = c.expectLayout(sr)
 		}
 		if err == nil && m == nil {
 			m, err = New(sr.info.Layout, opts...)
@@ -413,6 +435,9 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 		err = sr.header(c.top)
 		if err == nil {
 			err = chainCheck(i, prev, sr)
+		}
+		if err == nil {
+			err = c.expectLayout(sr)
 		}
 		var all []entry
 		for err == nil {

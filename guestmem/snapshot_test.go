@@ -222,12 +222,25 @@ func TestSnapshotCorruption(t *testing.T) {
 	binary.LittleEndian.PutUint32(bad[4096+12:], blockCRC(bad[4096:8192], 12))
 	require.ErrorIs(t, restore(bad), guestmem.ErrSnapshotLayout)
 
-	_, err := guestmem.Verify(context.Background(), bytes.NewReader(flip(2*4096+8)))
+	// The VMM expects another memory map: a layout error, no memory.
+	other := guestmem.Layout{{GPA: 0, Size: 8 * mib}}
+	r, err := guestmem.Restore(context.Background(), []io.Reader{bytes.NewReader(snap)}, guestmem.WithLayout(other))
+	require.ErrorIs(t, err, guestmem.ErrSnapshotLayout)
+	require.Nil(t, r)
+	l, err := guestmem.RestoreLazy(context.Background(), []*os.File{writeFile(t, snap)}, guestmem.WithLayout(other))
+	require.ErrorIs(t, err, guestmem.ErrSnapshotLayout)
+	require.Nil(t, l)
+	reversed := guestmem.Layout{snapLayout[2], snapLayout[1], snapLayout[0]}
+	r, err = guestmem.Restore(context.Background(), []io.Reader{bytes.NewReader(snap)}, guestmem.WithLayout(reversed))
+	require.NoError(t, err, "the expected layout may be given in any order")
+	require.NoError(t, r.Close())
+
+	_, err = guestmem.Verify(context.Background(), bytes.NewReader(flip(2*4096+8)))
 	require.ErrorIs(t, err, guestmem.ErrSnapshotChecksum)
 	_, err = guestmem.RestoreLazy(context.Background(), []*os.File{writeFile(t, snap[:len(snap)-100])})
 	require.ErrorIs(t, err, guestmem.ErrSnapshotTruncated)
 	require.Equal(t, mapsBefore, testenv.GuestMappings(t), "failed restores leave no guest mapping behind")
-	require.Equal(t, fdsBefore+1, testenv.OpenFDs(t), "nor an fd (the +1 is the truncated file the test opened)")
+	require.Equal(t, fdsBefore+2, testenv.OpenFDs(t), "nor an fd (the +2 are the files the test opened)")
 }
 
 func blockCRC(b []byte, off int) uint32 {
