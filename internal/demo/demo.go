@@ -1,0 +1,359 @@
+// Package demo is the main job of `gmem run`: it builds guest memory with a
+// hole in its layout, prefaults it, registers it with KVM, runs guest code
+// that writes and verifies every page, then shows dirty tracking, a balloon
+// discard and a snapshot round trip, timing each step.
+package demo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/guest"
+	"github.com/gmem-vmm/gmem/kvm"
+)
+
+// Config is what `gmem run` lets the user choose.
+type Config struct {
+	Size        uint64           // guest RAM in bytes (split in two regions around a hole)
+	Backing     guestmem.Backing // Anonymous, Memfd or Hugetlb (2 MiB pages)
+	Prefault    bool             // populate guest RAM before the guest runs
+	Hugepages   bool             // ask for transparent hugepages
+	LockOnFault bool             // lock guest pages as they are touched
+	Workers     int              // prefault workers; 0: one per CPU
+	TempDir     string           // where the snapshot file goes ("" for os.TempDir)
+	KVMPath     string           // "" for /dev/kvm
+}
+
+// DefaultConfig is the embedded default: a 512 MiB memfd-backed guest,
+// prefaulted, with transparent hugepages requested.
+func DefaultConfig() Config {
+	return Config{Size: 512 << 20, Backing: guestmem.Memfd, Prefault: true, Hugepages: true}
+}
+
+// Step is one timed step.
+type Step struct {
+	Name     string        `json:"name"`
+	Duration time.Duration `json:"duration_ns"`
+	Detail   string        `json:"detail"`
+}
+
+// Report is everything Run measured, in order; on error or interruption it
+// holds the steps that finished.
+type Report struct {
+	Layout guestmem.Layout `json:"layout"`
+	Steps  []Step          `json:"steps"`
+}
+
+// hole is the gap between the two regions: guest accesses there are MMIO.
+const hole = 64 << 20
+
+// Layout splits size into two 2 MiB-aligned regions with a hole between.
+func Layout(size uint64) (guestmem.Layout, error) {
+	const align = 2 << 20
+	if size < 2*align || size%(2*align) != 0 {
+		return nil, fmt.Errorf("demo: guest size %d must be a multiple of 4 MiB and at least 4 MiB", size)
+	}
+	half := size / 2
+	return guestmem.Layout{{GPA: 0, Size: half}, {GPA: guestmem.GuestAddress(half + hole), Size: half}}, nil
+}
+
+const seed = 0x6d65_6d00_0000_0000
+
+// Run runs the demo, calling step after each step. It releases everything
+// it created before returning, also when ctx is cancelled.
+func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error) {
+	layout, err := Layout(c.Size)
+	if err != nil {
+		return rep, err
+	}
+	rep.Layout = layout
+	timed := func(name string, fn func() (string, error)) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		detail, err := fn()
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		s := Step{Name: name, Duration: time.Since(t0), Detail: detail}
+		rep.Steps = append(rep.Steps, s)
+		if step != nil {
+			step(s)
+		}
+		return nil
+	}
+	var cleanups []func() error
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			err = errors.Join(err, cleanups[i]())
+		}
+	}()
+
+	var m *guestmem.Memory
+	if err := timed("map guest RAM", func() (string, error) {
+		opts := []guestmem.Option{guestmem.WithBacking(c.Backing), guestmem.WithName("gmem-run")}
+		if c.Backing == guestmem.Hugetlb {
+			opts = []guestmem.Option{guestmem.WithHugetlb(2 << 20)}
+		}
+		if !c.Hugepages {
+			opts = append(opts, guestmem.WithoutTransparentHugepages())
+		}
+		var err error
+		if m, err = guestmem.New(layout, opts...); err != nil {
+			return "", err
+		}
+		cleanups = append(cleanups, m.Close)
+		return fmt.Sprintf("%s, %d regions around a %d MiB hole", c.Backing, len(layout), hole>>20), nil
+	}); err != nil {
+		return rep, err
+	}
+	if c.LockOnFault {
+		if err := timed("lock on fault", func() (string, error) { return "mlock2(MLOCK_ONFAULT)", m.LockOnFault() }); err != nil {
+			return rep, err
+		}
+	}
+	if c.Prefault {
+		if err := timed("prefault", func() (string, error) {
+			t0 := time.Now()
+			err := m.Prefault(ctx, guestmem.PrefaultOptions{Workers: c.Workers})
+			return fmt.Sprintf("%.2f GiB/s", float64(c.Size)/(1<<30)/time.Since(t0).Seconds()), err
+		}); err != nil {
+			return rep, err
+		}
+	}
+
+	var mach *guest.Machine
+	if err := timed("register with KVM", func() (string, error) {
+		d, err := kvm.Open(c.KVMPath)
+		if err != nil {
+			return "", err
+		}
+		defer d.Close()
+		vm, err := d.CreateVM()
+		if err != nil {
+			return "", err
+		}
+		cleanups = append(cleanups, vm.Close)
+		if mach, err = guest.New(vm, guest.Config{}); err != nil {
+			return "", err
+		}
+		cleanups = append(cleanups, mach.Close)
+		if err := m.StartDirtyTracking(); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("%d slots, dirty logging on", len(layout)), m.Register(vm)
+	}); err != nil {
+		return rep, err
+	}
+
+	pages := c.Size / 4096
+	if err := timed("guest writes every page", func() (string, error) {
+		t0 := time.Now()
+		for _, r := range m.Regions() {
+			if err := call(mach, guest.FillPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RDX: seed,
+				RBX: 4096}, nil); err != nil {
+				return "", err
+			}
+		}
+		return fmt.Sprintf("%d pages, %.0f pages/s in the guest", pages, float64(pages)/time.Since(t0).Seconds()), nil
+	}); err != nil {
+		return rep, err
+	}
+	if err := timed("guest verifies every page", func() (string, error) {
+		for _, r := range m.Regions() {
+			var bad uint64
+			err := call(mach, guest.VerifyPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RDX: seed,
+				RBX: 4096}, func(res guest.Result) error {
+				if _, failed := res.Port(guest.PortFail); failed {
+					bad, _ = res.Port64(guest.PortLo, guest.PortHi)
+					return fmt.Errorf("guest found a wrong value at %#x", bad)
+				}
+				return nil
+			})
+			if err != nil {
+				return "", err
+			}
+		}
+		// The guest's checksum, reported through port I/O, against the host's.
+		r := m.Regions()[1]
+		var gsum uint64
+		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RBX: 4096},
+			func(res guest.Result) error { gsum, _ = res.Port64(guest.PortLo, guest.PortHi); return nil }); err != nil {
+			return "", err
+		}
+		hsum, err := hostSum(m, r)
+		if err != nil {
+			return "", err
+		}
+		if gsum != hsum {
+			return "", fmt.Errorf("guest checksum %#x, host checksum %#x", gsum, hsum)
+		}
+		return fmt.Sprintf("all correct; guest and host checksums agree (%#x)", gsum), nil
+	}); err != nil {
+		return rep, err
+	}
+	if err := timed("dirty pages", func() (string, error) {
+		d, err := m.CollectDirty()
+		if err != nil {
+			return "", err
+		}
+		first := d.Pages()
+		r := m.Regions()[0]
+		if err := call(mach, guest.FillPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.GPA) + 100*4096,
+			RDX: seed, RBX: 4096}, nil); err != nil {
+			return "", err
+		}
+		for i := uint64(0); i < 10; i++ {
+			if err := m.WriteUint64(m.Regions()[1].GPA+guestmem.GuestAddress(i*4096*64), i); err != nil {
+				return "", err
+			}
+		}
+		d, err = m.CollectDirty()
+		if err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("%d after the guest wrote everything; then %d (100 by the guest, 10 by the host)",
+			first, d.Pages()), nil
+	}); err != nil {
+		return rep, err
+	}
+	if err := timed("balloon discard", func() (string, error) {
+		r := m.Regions()[0]
+		n := r.Size / 4
+		before, err := resident(m)
+		if err != nil {
+			return "", err
+		}
+		if c.LockOnFault {
+			if err := m.Unlock(); err != nil {
+				return "", err
+			}
+		}
+		if err := m.Discard(r.End()-guestmem.GuestAddress(n), n); err != nil {
+			return "", err
+		}
+		after, err := resident(m)
+		if err != nil {
+			return "", err
+		}
+		var gsum uint64
+		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(r.End()) - n, RDI: uint64(r.End()), RBX: 4096},
+			func(res guest.Result) error { gsum, _ = res.Port64(guest.PortLo, guest.PortHi); return nil }); err != nil {
+			return "", err
+		}
+		if gsum != 0 {
+			return "", fmt.Errorf("the guest reads %#x in discarded memory, not zeros", gsum)
+		}
+		return fmt.Sprintf("%d MiB returned: resident %d → %d MiB; the guest reads zeros there", n>>20, before>>20,
+			after>>20), nil
+	}); err != nil {
+		return rep, err
+	}
+
+	dir := c.TempDir
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	f, err := os.CreateTemp(dir, "gmem-run-*.snap")
+	if err != nil {
+		return rep, err
+	}
+	cleanups = append(cleanups, func() error { f.Close(); return os.Remove(f.Name()) })
+	var saved guestmem.SaveStats
+	if err := timed("snapshot save", func() (string, error) {
+		saved, err = m.Save(ctx, f, guestmem.SaveOptions{})
+		return fmt.Sprintf("%d MiB of data in %d MiB of stream (%s)", saved.DataBytes>>20, saved.Bytes>>20,
+			filepath.Base(f.Name())), err
+	}); err != nil {
+		return rep, err
+	}
+	want, err := hostSum(m, m.Regions()[1])
+	if err != nil {
+		return rep, err
+	}
+	for _, lazy := range []bool{false, true} {
+		name := "snapshot restore (eager)"
+		if lazy {
+			name = "snapshot restore (lazy)"
+		}
+		if err := timed(name, func() (string, error) {
+			var r *guestmem.Memory
+			var err error
+			if lazy {
+				r, err = guestmem.RestoreLazy(ctx, []*os.File{f}, guestmem.WithLayout(layout))
+			} else {
+				if _, err := f.Seek(0, 0); err != nil {
+					return "", err
+				}
+				r, err = guestmem.Restore(ctx, []io.Reader{f}, guestmem.WithLayout(layout))
+			}
+			if err != nil {
+				return "", err
+			}
+			defer r.Close()
+			got, err := hostSum(r, r.Regions()[1])
+			if err != nil {
+				return "", err
+			}
+			if got != want {
+				return "", fmt.Errorf("restored checksum %#x, saved %#x", got, want)
+			}
+			return "checksums match", nil
+		}); err != nil {
+			return rep, err
+		}
+	}
+	return rep, nil
+}
+
+// call runs a standard program to its HLT and hands the result to check.
+func call(mach *guest.Machine, prog *guest.Asm, regs kvm.Regs, check func(guest.Result) error) error {
+	at, err := mach.LoadAsm(prog)
+	if err != nil {
+		return err
+	}
+	res, err := mach.Call(at, regs, guest.Handlers{})
+	if err != nil {
+		return err
+	}
+	if _, ok := res.Port(guest.PortDone); !ok {
+		if _, failed := res.Port(guest.PortFail); !failed {
+			return fmt.Errorf("the guest halted without reporting")
+		}
+	}
+	if check != nil {
+		return check(res)
+	}
+	return nil
+}
+
+func hostSum(m *guestmem.Memory, r guestmem.Region) (uint64, error) {
+	var sum uint64
+	for a := r.GPA; a < r.End(); a += 4096 {
+		v, err := m.ReadUint64(a)
+		if err != nil {
+			return 0, err
+		}
+		sum += v
+	}
+	return sum, nil
+}
+
+func resident(m *guestmem.Memory) (uint64, error) {
+	st, err := m.Stats()
+	if err != nil {
+		return 0, err
+	}
+	var n uint64
+	for _, s := range st {
+		n += s.Resident
+	}
+	return n, nil
+}
