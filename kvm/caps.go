@@ -34,6 +34,7 @@ var capNames = map[Cap]string{
 	CapGuestMemfd: "KVM_CAP_GUEST_MEMFD",
 }
 
+// String returns the capability's KVM_CAP_* name, or KVM_CAP(n).
 func (c Cap) String() string {
 	if n, ok := capNames[c]; ok {
 		return n
@@ -67,7 +68,7 @@ type Capabilities struct {
 	GuestMemfd        bool // KVM_CREATE_GUEST_MEMFD
 	ManualDirtyLog    bool // KVM_CLEAR_DIRTY_LOG (manual dirty-log protect)
 	DirtyRingBytes    int  // maximum dirty ring size in bytes; 0 without a dirty ring
-	MultiAddressSpace int  // address spaces (2 on x86 with SMM)
+	MultiAddressSpace int  // address spaces (2 on x86 with SMM; 0: the capability is absent, one address space)
 	MemoryFaultInfo   bool // KVM_EXIT_MEMORY_FAULT details on a failed fault
 }
 

@@ -27,9 +27,10 @@ type Device struct {
 }
 
 // Open opens the KVM device at path (DefaultPath if empty) and checks its
-// API version. A missing device is ErrNoDevice, one this process may not
-// open is ErrPermission, both saying what to do; another API version is
-// ErrAPIVersion.
+// API version. A missing device, or a path that is not a KVM device (a
+// directory, a regular file, another character device), is ErrNoDevice; one
+// this process may not open read-write is ErrPermission; each error says
+// what to do about it. Another API version is ErrAPIVersion.
 func Open(path string) (*Device, error) {
 	if path == "" {
 		path = DefaultPath
@@ -42,6 +43,12 @@ func Open(path string) (*Device, error) {
 	v, err := retry(func() (uintptr, error) { return gokvm.GetAPIVersion(f.Fd()) })
 	if err != nil {
 		f.Close()
+		if errors.Is(err, syscall.ENOTTY) || errors.Is(err, syscall.EINVAL) {
+			// Any file that is not /dev/kvm: a regular file, a pipe, another
+			// character device such as /dev/null.
+			return nil, fmt.Errorf("%w: %s is not a KVM device (%v); the KVM device is %s, character device 10:232",
+				ErrNoDevice, path, describeNode(path), DefaultPath)
+		}
 		return nil, fmt.Errorf("kvm: %s: %w", path, ioctlErr("KVM_GET_API_VERSION", err))
 	}
 	if v != APIVersion {
@@ -59,6 +66,8 @@ func openError(path string, err error) error {
 	case errors.Is(err, syscall.ENODEV), errors.Is(err, syscall.ENXIO):
 		return fmt.Errorf("%w: %s exists but no KVM driver is bound to it (%v): load kvm_intel or kvm_amd", ErrNoDevice,
 			path, err)
+	case errors.Is(err, syscall.EISDIR):
+		return fmt.Errorf("%w: %s is a directory, not the KVM device (%s)", ErrNoDevice, path, DefaultPath)
 	case errors.Is(err, fs.ErrPermission):
 		return fmt.Errorf("%w: %s must be readable and writable by this process: add the user to the group that "+
 			"owns it (usually kvm: usermod -aG kvm $USER, then log in again) or run as root; it is %s",
@@ -76,7 +85,20 @@ func describeNode(path string) string {
 	if g, err := user.LookupGroupId(group); err == nil {
 		group = g.Name
 	}
-	return fmt.Sprintf("mode %v, owner uid %d, group %s", fs.FileMode(st.Mode&0o777), st.Uid, group)
+	kind := "file"
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFCHR:
+		kind = fmt.Sprintf("character device %d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	case unix.S_IFBLK:
+		kind = "block device"
+	case unix.S_IFDIR:
+		kind = "directory"
+	case unix.S_IFIFO:
+		kind = "pipe"
+	case unix.S_IFSOCK:
+		kind = "socket"
+	}
+	return fmt.Sprintf("%s, mode %v, owner uid %d, group %s", kind, fs.FileMode(st.Mode&0o777), st.Uid, group)
 }
 
 // Path returns the device path.

@@ -55,36 +55,59 @@ var (
 // kernel failed.
 type SlotError struct {
 	Op   string // "SetSlot", "DeleteSlot", "GetDirtyLog", ...
-	Slot uint32
-	Err  error
+	Slot uint32 // the slot number the operation was given
+	Err  error  // the cause: a sentinel of this package or an *os.SyscallError
 }
 
+// Error says which operation on which slot failed, and why.
 func (e *SlotError) Error() string { return fmt.Sprintf("kvm: %s slot %d: %v", e.Op, e.Slot, e.Err) }
 
 // Unwrap returns the cause.
 func (e *SlotError) Unwrap() error { return e.Err }
 
-// MemoryFaultError is returned by VCPU.Run when the guest touched guest
-// memory whose host mapping cannot be faulted in. GPA is the guest address
-// when the kernel reports it (KVM_CAP_MEMORY_FAULT_INFO); Known says whether
-// it did.
+// MemoryFaultError is returned by VCPU.Run when the guest touched slot
+// memory whose host mapping cannot be faulted in (see VCPU.Run for the two
+// ways KVM reports it). It wraps ErrMemoryFault, and the KVM_RUN errno when
+// there is one.
 type MemoryFaultError struct {
-	GPA   uint64
-	Size  uint64
-	Known bool
-	Err   error // the errno from KVM_RUN
+	GPA     uint64 // guest-physical address of the access, when Known
+	Size    uint64 // bytes from GPA the fault covers, when Known
+	Known   bool   // GPA and Size are known (always when MMIO)
+	Private bool   // a private (guest_memfd) access: KVM_MEMORY_EXIT_FLAG_PRIVATE
+	// MMIO says KVM reported the fault as an MMIO exit at an address a slot
+	// covers: what its instruction emulator does when it cannot reach the
+	// host memory. Write and Slot are then set too.
+	MMIO  bool
+	Write bool   // the access was a write (only known when MMIO)
+	Slot  uint32 // the slot holding GPA (only when MMIO)
+	Err   error  // the errno from KVM_RUN (EFAULT or EHWPOISON); nil when MMIO
 }
 
+// Error names the guest address when it is known.
 func (e *MemoryFaultError) Error() string {
-	if e.Known {
+	switch {
+	case e.MMIO:
+		dir := "read"
+		if e.Write {
+			dir = "write"
+		}
+		return fmt.Sprintf("kvm: guest memory fault: %s of %d bytes at guest address %#x in slot %d: the host "+
+			"mapping behind it is not accessible (KVM's instruction emulator reported it as an MMIO exit)", dir,
+			e.Size, e.GPA, e.Slot)
+	case e.Known:
 		return fmt.Sprintf("kvm: guest memory fault at guest address %#x (+%#x): host mapping not accessible: %v",
 			e.GPA, e.Size, e.Err)
 	}
 	return fmt.Sprintf("kvm: guest memory fault (guest address not reported by this kernel): %v", e.Err)
 }
 
-// Unwrap returns ErrMemoryFault and the errno.
-func (e *MemoryFaultError) Unwrap() []error { return []error{ErrMemoryFault, e.Err} }
+// Unwrap returns ErrMemoryFault and the errno, if any.
+func (e *MemoryFaultError) Unwrap() []error {
+	if e.Err == nil {
+		return []error{ErrMemoryFault}
+	}
+	return []error{ErrMemoryFault, e.Err}
+}
 
 // ioctlErr names the ioctl in an errno.
 func ioctlErr(name string, err error) error {

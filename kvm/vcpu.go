@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	gokvm "github.com/bobuhiro11/gokvm/kvm"
@@ -41,6 +42,7 @@ const (
 	ExitMemoryFault   ExitReason = 39
 )
 
+// String returns the exit reason's name, in lower case, or exit(n).
 func (r ExitReason) String() string {
 	switch r {
 	case ExitUnknown:
@@ -70,8 +72,8 @@ func (r ExitReason) String() string {
 // IOExit is a port I/O exit. For an OUT, Data holds what the guest wrote;
 // for an IN, write the value into Data before the next Run.
 type IOExit struct {
-	Out   bool
-	Port  uint16
+	Out   bool   // a port write (OUT); false for a read (IN)
+	Port  uint16 // the I/O port
 	Size  uint8  // bytes per access: 1, 2 or 4
 	Count uint32 // accesses (string I/O)
 	Data  []byte // Size*Count bytes inside the run page; valid until the next Run
@@ -90,9 +92,9 @@ func (io *IOExit) Value() uint32 {
 // a write to a read-only slot). For a read, write the value into Data
 // before the next Run.
 type MMIOExit struct {
-	Addr  uint64
-	Write bool
-	Len   uint32
+	Addr  uint64 // guest-physical address of the access
+	Write bool   // a write; false for a read
+	Len   uint32 // bytes accessed: 1, 2, 4 or 8
 	Data  []byte // Len bytes inside the run page; valid until the next Run
 }
 
@@ -107,15 +109,18 @@ func (m *MMIOExit) Value() uint64 {
 
 // Exit describes why Run returned.
 type Exit struct {
-	Reason ExitReason
-	IO     *IOExit   // for ExitIO
-	MMIO   *MMIOExit // for ExitMMIO
+	Reason ExitReason // kvm_run.exit_reason
+	IO     *IOExit    // for ExitIO
+	MMIO   *MMIOExit  // for ExitMMIO
 	// Suberror is the internal error's kind (1: emulation failure) for
-	// ExitInternalError; HardwareReason the failure reason for ExitFailEntry.
-	Suberror       uint32
+	// ExitInternalError.
+	Suberror uint32
+	// HardwareReason is the VM-entry failure reason for ExitFailEntry.
 	HardwareReason uint64
 }
 
+// String describes the exit in one line, with its port or address and
+// value.
 func (e Exit) String() string {
 	switch {
 	case e.IO != nil:
@@ -138,14 +143,19 @@ func (e Exit) String() string {
 	return e.Reason.String()
 }
 
-// VCPU is a virtual CPU of a VM. Run, registers and the exit data belong to
-// one goroutine at a time; Close may be called from another.
+// VCPU is a virtual CPU of a VM. Its methods may be called from any
+// goroutine, and are serialized: Regs, SetRegs or Close called while Run is
+// in progress wait for it to return. The exit data Run returns (IOExit.Data,
+// MMIOExit.Data) points into the vCPU's run page and belongs to the caller of
+// Run until the next Run.
 type VCPU struct {
 	mu  sync.Mutex
 	f   *os.File
 	run runPage
 	id  int
 	vm  *VM
+
+	interrupted atomic.Uint64 // KVM_RUN calls a signal interrupted (retried)
 }
 
 // CreateVCPU creates vCPU id and maps its run page.
@@ -178,8 +188,9 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 // ID returns the vCPU's id.
 func (c *VCPU) ID() int { return c.id }
 
-// Close unmaps the run page and closes the vCPU. Closing twice returns nil.
-// VM.Close closes its vCPUs too.
+// Close unmaps the run page and closes the vCPU, after waiting for a Run in
+// progress to return. Closing twice returns nil. VM.Close closes its vCPUs
+// too.
 func (c *VCPU) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -208,12 +219,11 @@ func (c *VCPU) SetHostCPUID() error {
 	if err != nil {
 		return err
 	}
-	cpuid := gokvm.CPUID{Nent: 256, Entries: make([]gokvm.CPUIDEntry2, 256)}
-	if err := retryErr(func() error { return gokvm.GetSupportedCPUID(c.vm.kvmFD.Fd(), &cpuid) }); err != nil {
+	cpuid := &cpuid2{nent: maxCPUIDEntries}
+	if err := retryErr(func() error { return getSupportedCPUID(c.vm.kvmFD.Fd(), cpuid) }); err != nil {
 		return ioctlErr("KVM_GET_SUPPORTED_CPUID", err)
 	}
-	cpuid.Entries = cpuid.Entries[:cpuid.Nent]
-	return ioctlErr("KVM_SET_CPUID2", retryErr(func() error { return gokvm.SetCPUID2(fd, &cpuid) }))
+	return ioctlErr("KVM_SET_CPUID2", retryErr(func() error { return setCPUID2(fd, cpuid) }))
 }
 
 // Regs returns the general-purpose registers.
@@ -224,9 +234,8 @@ func (c *VCPU) Regs() (Regs, error) {
 	if err != nil {
 		return Regs{}, err
 	}
-	var r *Regs
-	err = retryErr(func() error { var err error; r, err = getRegs(fd); return err })
-	if err != nil {
+	r := new(Regs)
+	if err := retryErr(func() error { return getRegs(fd, r) }); err != nil {
 		return Regs{}, ioctlErr("KVM_GET_REGS", err)
 	}
 	return *r, nil
@@ -251,9 +260,8 @@ func (c *VCPU) Sregs() (Sregs, error) {
 	if err != nil {
 		return Sregs{}, err
 	}
-	var r *Sregs
-	err = retryErr(func() error { var err error; r, err = getSregs(fd); return err })
-	if err != nil {
+	r := new(Sregs)
+	if err := retryErr(func() error { return getSregs(fd, r) }); err != nil {
 		return Sregs{}, ioctlErr("KVM_GET_SREGS", err)
 	}
 	return *r, nil
@@ -272,13 +280,66 @@ func (c *VCPU) SetSregs(r Sregs) error {
 
 // kvm_run offsets (include/uapi/linux/kvm.h).
 const (
-	runExitReason = 8
-	runUnion      = 32
+	runImmediateExit = 1
+	runExitReason    = 8
+	runUnion         = 32
 )
 
-// Run runs the vCPU until it exits to the VMM, retrying when a signal
-// interrupts KVM_RUN, and describes the exit. A guest access to a slot whose
-// host memory cannot be faulted in is a *MemoryFaultError (ErrMemoryFault).
+// Complete finishes the I/O or MMIO access the guest is still waiting on
+// after an exit, without running any further guest instruction: KVM_RUN
+// with immediate_exit set (KVM_CAP_IMMEDIATE_EXIT, Linux 4.11). KVM only
+// applies the result of an IN or MMIO read (the value in the exit's Data) on
+// the next KVM_RUN, and that write-back also sets RIP and the destination
+// register. So a VMM that abandons an exit instead of resuming the guest (to
+// run other code with SetRegs, or to save the vCPU's state) must call
+// Complete first, or the next Run will overwrite the registers it set. With
+// no exit pending Complete does nothing.
+func (c *VCPU) Complete() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fd, err := c.fd()
+	if err != nil {
+		return err
+	}
+	c.run[runImmediateExit] = 1
+	defer func() { c.run[runImmediateExit] = 0 }()
+	for {
+		c.run.putU32(runExitReason, uint32(ExitUnknown))
+		err = runIoctl(fd)
+		if !errors.Is(err, syscall.EAGAIN) {
+			break
+		}
+	}
+	if err == nil || errors.Is(err, syscall.EINTR) {
+		return nil
+	}
+	_, err = decodeExit(c.run, err)
+	return fmt.Errorf("kvm: completing the pending exit of vCPU %d: %w", c.id, err)
+}
+
+// Run runs the vCPU until it exits to the VMM and describes the exit.
+//
+// A signal that interrupts KVM_RUN (EINTR, with KVM_EXIT_INTR) is not an
+// exit: Run enters the guest again, so the caller never sees one.
+//
+// A guest access to slot memory whose host mapping cannot be faulted in
+// (unmapped, PROT_NONE, a write to a read-only mapping, a truncated file) is
+// an error wrapping ErrMemoryFault, a *MemoryFaultError. KVM reports it in
+// one of two ways, and Run turns both into that error:
+//   - KVM_RUN fails with EFAULT or EHWPOISON, with the guest address in a
+//     KVM_EXIT_MEMORY_FAULT exit on kernels that fill one in
+//     (KVM_CAP_MEMORY_FAULT_INFO); MemoryFaultError.Known says whether the
+//     address is known.
+//   - The instruction emulator (which runs every guest instruction on hosts
+//     without hardware virtualization, and some instructions everywhere)
+//     cannot read or write the host memory and reports an MMIO exit for an
+//     address a slot covers. Run checks every MMIO exit against the slot
+//     table; one inside a slot is a memory fault (MemoryFaultError.MMIO is
+//     set, and the returned Exit still holds the MMIO exit), except a write
+//     to a ReadOnly slot, which is an ordinary MMIO exit by design.
+//
+// The table is read when the exit arrives: a slot created or deleted while
+// the access was in flight may classify it either way.
 func (c *VCPU) Run() (Exit, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -287,18 +348,35 @@ func (c *VCPU) Run() (Exit, error) {
 		return Exit{}, err
 	}
 	for {
+		// The exit reason is only meaningful after some errors (the
+		// kernel leaves it stale after others), so clear it first.
+		c.run.putU32(runExitReason, uint32(ExitUnknown))
 		err = runIoctl(fd)
 		if !errors.Is(err, syscall.EINTR) && !errors.Is(err, syscall.EAGAIN) {
 			break
 		}
+		c.interrupted.Add(1)
 	}
-	p := c.run
+	e, err := decodeExit(c.run, err)
+	if err == nil && e.MMIO != nil {
+		if s, inSlot := c.vm.SlotAt(e.MMIO.Addr); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
+			err = &MemoryFaultError{GPA: e.MMIO.Addr, Size: uint64(e.MMIO.Len), Known: true, Write: e.MMIO.Write,
+				MMIO: true, Slot: s.ID}
+		}
+	}
+	return e, err
+}
+
+// decodeExit describes the exit in the run page p after KVM_RUN returned err.
+func decodeExit(p runPage, err error) (Exit, error) {
 	reason := ExitReason(p.u32(runExitReason))
 	if err != nil {
 		if errors.Is(err, syscall.EFAULT) || errors.Is(err, unix.EHWPOISON) {
-			mf := &MemoryFaultError{Err: err}
+			mf := &MemoryFaultError{Err: ioctlErr("KVM_RUN", err)}
 			if reason == ExitMemoryFault {
+				const flagPrivate = 1 << 3 // KVM_MEMORY_EXIT_FLAG_PRIVATE
 				mf.Known, mf.GPA, mf.Size = true, p.u64(runUnion+8), p.u64(runUnion+16)
+				mf.Private = p.u64(runUnion)&flagPrivate != 0
 			}
 			return Exit{Reason: reason}, mf
 		}
@@ -340,3 +418,5 @@ func (p runPage) u8(off int) uint8   { return p[off] }
 func (p runPage) u16(off int) uint16 { return binary.LittleEndian.Uint16(p[off:]) }
 func (p runPage) u32(off int) uint32 { return binary.LittleEndian.Uint32(p[off:]) }
 func (p runPage) u64(off int) uint64 { return binary.LittleEndian.Uint64(p[off:]) }
+
+func (p runPage) putU32(off int, v uint32) { binary.LittleEndian.PutUint32(p[off:], v) }

@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
@@ -11,6 +12,7 @@ import (
 	"syscall"
 
 	gokvm "github.com/bobuhiro11/gokvm/kvm"
+	"golang.org/x/sys/unix"
 )
 
 // SlotFlags are the flags of a memory slot (KVM_MEM_*).
@@ -24,6 +26,8 @@ const (
 	ReadOnly SlotFlags = 1 << 1
 )
 
+// String names the flags: "log-dirty", "read-only", both joined by "|",
+// or "none".
 func (f SlotFlags) String() string {
 	var s []byte
 	if f&LogDirtyPages != 0 {
@@ -44,11 +48,11 @@ func (f SlotFlags) String() string {
 // Slot is a memory slot: guest-physical [GPA, GPA+Size) backed by host
 // memory at HostAddr.
 type Slot struct {
-	ID       uint32
-	GPA      uint64
-	Size     uint64
-	HostAddr uintptr
-	Flags    SlotFlags
+	ID       uint32    // slot number, 0 to VM.MaxSlots()-1
+	GPA      uint64    // guest-physical address, page-aligned
+	Size     uint64    // bytes, a nonzero multiple of the page size
+	HostAddr uintptr   // host virtual address of the memory, page-aligned
+	Flags    SlotFlags // LogDirtyPages, ReadOnly
 }
 
 // End returns the first guest address past the slot.
@@ -59,18 +63,30 @@ func (s Slot) Pages() uint64 { return s.Size / pageSize }
 
 const pageSize = 4096
 
+// MaxSlotPages is the most pages one slot may hold: the kernel refuses
+// larger slots (KVM_MEM_MAX_NR_PAGES, 2^31-1 pages of 4 KiB, just under
+// 8 TiB).
+const MaxSlotPages = 1<<31 - 1
+
 // VM is a KVM virtual machine with a table of its memory slots. The table
 // checks every slot change before the kernel sees it. It is safe for
 // concurrent use.
 type VM struct {
 	mu       sync.Mutex
 	f        *os.File
-	kvmFD    *os.File // for KVM_GET_VCPU_MMAP_SIZE
-	slots    map[uint32]Slot
+	kvmFD    *os.File // for KVM_GET_VCPU_MMAP_SIZE and KVM_GET_SUPPORTED_CPUID
 	maxSlots int
 	caps     Capabilities
 	manual   bool // manual dirty-log protect enabled
 	vcpus    []*VCPU
+
+	// The slot table. Changed with mu held and also tmu held for writing;
+	// read with either held. vCPUs classify their MMIO exits with only tmu
+	// held for reading (see VCPU.Run), so tmu is a leaf lock: nothing is
+	// acquired while holding it.
+	tmu   sync.RWMutex
+	slots map[uint32]Slot // by ID
+	byGPA []Slot          // the same slots, sorted by GPA (they never overlap)
 }
 
 // CreateVM creates a VM. The VM keeps its own reference to the device, so
@@ -86,13 +102,13 @@ func (d *Device) CreateVM() (*VM, error) {
 		if err != nil {
 			return ioctlErr("KVM_CREATE_VM", err)
 		}
-		dup, err := syscall.Dup(int(fd))
+		// The kernel makes the VM fd close-on-exec; the dup must be too,
+		// atomically, in case another goroutine forks.
+		dup, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
 			syscall.Close(int(vmfd))
-			return os.NewSyscallError("dup", err)
+			return os.NewSyscallError("fcntl(F_DUPFD_CLOEXEC)", err)
 		}
-		syscall.CloseOnExec(dup)
-		syscall.CloseOnExec(int(vmfd))
 		vm = &VM{f: os.NewFile(vmfd, "kvm-vm"), kvmFD: os.NewFile(uintptr(dup), d.path),
 			slots: map[uint32]Slot{}, maxSlots: caps.Memslots, caps: caps}
 		return nil
@@ -109,11 +125,14 @@ func (d *Device) CreateVM() (*VM, error) {
 // Capabilities returns the host capabilities read when the VM was created.
 func (vm *VM) Capabilities() Capabilities { return vm.caps }
 
-// MaxSlots returns the number of memory slots the kernel offers.
+// MaxSlots returns the number of memory slots the kernel offers: slot
+// numbers run from 0 to MaxSlots()-1.
 func (vm *VM) MaxSlots() int { return vm.maxSlots }
 
-// Close closes the VM's vCPUs and the VM. Host memory that slots pointed at
-// stays mapped and belongs to the caller. Closing twice returns nil.
+// Close closes the VM's vCPUs (waiting for a Run in progress to return) and
+// the VM. Host memory that slots pointed at stays mapped and belongs to the
+// caller; once Close returns, KVM no longer uses it. Closing twice returns
+// nil.
 func (vm *VM) Close() error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
@@ -127,7 +146,9 @@ func (vm *VM) Close() error {
 	vm.vcpus = nil
 	errs = append(errs, vm.f.Close(), vm.kvmFD.Close())
 	vm.f = nil
-	vm.slots = nil
+	vm.tmu.Lock()
+	vm.slots, vm.byGPA = nil, nil
+	vm.tmu.Unlock()
 	return errors.Join(errs...)
 }
 
@@ -135,20 +156,7 @@ func (vm *VM) Close() error {
 func (vm *VM) Slots() []Slot {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
-	out := make([]Slot, 0, len(vm.slots))
-	for _, s := range vm.slots {
-		out = append(out, s)
-	}
-	slices.SortFunc(out, func(a, b Slot) int {
-		if a.GPA < b.GPA {
-			return -1
-		}
-		if a.GPA > b.GPA {
-			return 1
-		}
-		return 0
-	})
-	return out
+	return slices.Clone(vm.byGPA)
 }
 
 // Slot returns slot id, or ErrNoSlot.
@@ -165,23 +173,72 @@ func (vm *VM) Slot(id uint32) (Slot, error) {
 	return s, nil
 }
 
+// SlotAt returns the slot whose guest range holds gpa, if any.
+func (vm *VM) SlotAt(gpa uint64) (Slot, bool) {
+	vm.tmu.RLock()
+	defer vm.tmu.RUnlock()
+	return vm.slotAtLocked(gpa)
+}
+
+func (vm *VM) slotAtLocked(gpa uint64) (Slot, bool) {
+	// The first slot ending after gpa is the only one that can hold it.
+	i, _ := slices.BinarySearchFunc(vm.byGPA, gpa, func(s Slot, gpa uint64) int {
+		if s.End() <= gpa {
+			return -1
+		}
+		return 1
+	})
+	if i < len(vm.byGPA) && vm.byGPA[i].GPA <= gpa {
+		return vm.byGPA[i], true
+	}
+	return Slot{}, false
+}
+
 // FreeSlot returns the lowest slot number not in use, or ErrSlotLimit.
 func (vm *VM) FreeSlot() (uint32, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
-	return vm.freeSlotLocked(nil)
-}
-
-func (vm *VM) freeSlotLocked(taken map[uint32]bool) (uint32, error) {
 	if vm.f == nil {
 		return 0, ErrClosed
 	}
-	for id := uint32(0); int(id) < vm.maxSlots; id++ {
-		if _, used := vm.slots[id]; !used && !taken[id] {
-			return id, nil
+	if len(vm.slots) < vm.maxSlots {
+		for id := uint32(0); int(id) < vm.maxSlots; id++ {
+			if _, used := vm.slots[id]; !used {
+				return id, nil
+			}
 		}
 	}
 	return 0, fmt.Errorf("%w: all %d slots in use", ErrSlotLimit, vm.maxSlots)
+}
+
+// insertLocked adds s to the table, replacing the slot with its ID.
+func (vm *VM) insertLocked(s Slot) {
+	vm.tmu.Lock()
+	defer vm.tmu.Unlock()
+	vm.removeLocked(s.ID)
+	vm.slots[s.ID] = s
+	i, _ := slices.BinarySearchFunc(vm.byGPA, s.GPA, func(o Slot, gpa uint64) int { return cmp.Compare(o.GPA, gpa) })
+	vm.byGPA = slices.Insert(vm.byGPA, i, s)
+}
+
+// removeLocked drops slot id from the table; the caller holds tmu.
+func (vm *VM) removeLocked(id uint32) {
+	old, ok := vm.slots[id]
+	if !ok {
+		return
+	}
+	delete(vm.slots, id)
+	i, found := slices.BinarySearchFunc(vm.byGPA, old.GPA, func(o Slot, gpa uint64) int { return cmp.Compare(o.GPA, gpa) })
+	if !found || vm.byGPA[i].ID != id {
+		panic(fmt.Sprintf("kvm: internal error: slot %d at %#x missing from the sorted table", id, old.GPA))
+	}
+	vm.byGPA = slices.Delete(vm.byGPA, i, i+1)
+}
+
+func (vm *VM) deleteLocked(id uint32) {
+	vm.tmu.Lock()
+	defer vm.tmu.Unlock()
+	vm.removeLocked(id)
 }
 
 // check validates s against the table, ignoring slot s.ID itself.
@@ -195,9 +252,17 @@ func (vm *VM) check(s Slot) error {
 	if s.GPA%pageSize != 0 || s.Size%pageSize != 0 || uint64(s.HostAddr)%pageSize != 0 {
 		return fmt.Errorf("%w: guest %#x size %#x host %#x", ErrSlotUnaligned, s.GPA, s.Size, s.HostAddr)
 	}
-	if _, c := bits.Add64(s.GPA, s.Size, 0); c != 0 || s.HostAddr == 0 ||
-		uint64(s.HostAddr) > math.MaxUint64-s.Size {
-		return fmt.Errorf("%w: guest %#x + %#x (host %#x) overflows", ErrSlotSize, s.GPA, s.Size, s.HostAddr)
+	if _, c := bits.Add64(s.GPA, s.Size, 0); c != 0 {
+		return fmt.Errorf("%w: guest %#x + size %#x overflows", ErrSlotSize, s.GPA, s.Size)
+	}
+	if uint64(s.HostAddr) > math.MaxUint64-s.Size {
+		return fmt.Errorf("%w: host %#x + size %#x overflows", ErrSlotSize, s.HostAddr, s.Size)
+	}
+	if s.HostAddr == 0 {
+		return fmt.Errorf("%w: host address 0", ErrSlotSize)
+	}
+	if s.Pages() > MaxSlotPages {
+		return fmt.Errorf("%w: %d pages, the kernel allows at most %d per slot", ErrSlotSize, s.Pages(), MaxSlotPages)
 	}
 	if s.Flags&^(LogDirtyPages|ReadOnly) != 0 {
 		return fmt.Errorf("%w: unknown flags %#x", ErrSlotFlags, uint32(s.Flags))
@@ -205,9 +270,17 @@ func (vm *VM) check(s Slot) error {
 	if s.Flags&ReadOnly != 0 && !vm.caps.ReadonlyMem {
 		return fmt.Errorf("%w: read-only slots need KVM_CAP_READONLY_MEM, which this kernel lacks", ErrSlotFlags)
 	}
-	for id, o := range vm.slots {
-		if id != s.ID && s.GPA < o.End() && o.GPA < s.End() {
-			return fmt.Errorf("%w: guest [%#x, %#x) overlaps slot %d [%#x, %#x)", ErrSlotOverlap, s.GPA, s.End(), id,
+	// The slots are sorted by GPA and disjoint, so the ones overlapping s
+	// are a run starting at the first that ends after s.GPA.
+	i, _ := slices.BinarySearchFunc(vm.byGPA, s.GPA, func(o Slot, gpa uint64) int {
+		if o.End() <= gpa {
+			return -1
+		}
+		return 1
+	})
+	for ; i < len(vm.byGPA) && vm.byGPA[i].GPA < s.End(); i++ {
+		if o := vm.byGPA[i]; o.ID != s.ID {
+			return fmt.Errorf("%w: guest [%#x, %#x) overlaps slot %d [%#x, %#x)", ErrSlotOverlap, s.GPA, s.End(), o.ID,
 				o.GPA, o.End())
 		}
 	}
@@ -215,11 +288,15 @@ func (vm *VM) check(s Slot) error {
 }
 
 // SetSlot creates slot s.ID or changes it. KVM can move a slot (new GPA,
-// same size and host address) or change its flags in place; any other
-// change (size, host address) is done by deleting the slot and creating it
-// again, during which the guest sees no memory there. The table refuses
-// slot numbers beyond the limit, overlapping guest ranges, unaligned or
-// overflowing ranges and unknown flags before the kernel sees them.
+// same size and host address) or change its dirty-logging flag in place;
+// any other change (size, host address, the read-only flag) is done by
+// deleting the slot and creating it again, during which the guest sees no
+// memory there. If creating the new slot then fails, the old one is put
+// back (the error says if even that failed, and the slot is then gone).
+// The table refuses slot numbers beyond the limit (ErrSlotLimit),
+// overlapping guest ranges (ErrSlotOverlap), unaligned (ErrSlotUnaligned),
+// empty, oversized or overflowing ranges (ErrSlotSize) and unknown flags
+// (ErrSlotFlags) before the kernel sees them; errors are *SlotError.
 func (vm *VM) SetSlot(s Slot) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
@@ -229,22 +306,33 @@ func (vm *VM) SetSlot(s Slot) error {
 	if err := vm.check(s); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
-	if old, ok := vm.slots[s.ID]; ok && (old.Size != s.Size || old.HostAddr != s.HostAddr) {
+	old, ok := vm.slots[s.ID]
+	if ok && (old.Size != s.Size || old.HostAddr != s.HostAddr || (old.Flags^s.Flags)&ReadOnly != 0) {
 		if err := vm.setRegion(old.ID, 0, old.GPA, 0, 0); err != nil {
 			return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 		}
-		delete(vm.slots, s.ID)
+		vm.deleteLocked(s.ID)
+		if err := vm.setRegion(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr); err != nil {
+			if rerr := vm.setRegion(old.ID, uint32(old.Flags), old.GPA, old.Size, old.HostAddr); rerr != nil {
+				return &SlotError{Op: "SetSlot", Slot: s.ID, Err: fmt.Errorf("%w; restoring the old slot failed "+
+					"too, so slot %d is gone: %w", err, s.ID, rerr)}
+			}
+			vm.insertLocked(old)
+			return &SlotError{Op: "SetSlot", Slot: s.ID, Err: fmt.Errorf("%w (the old slot is back)", err)}
+		}
+		vm.insertLocked(s)
+		return nil
 	}
 	if err := vm.setRegion(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
-	vm.slots[s.ID] = s
+	vm.insertLocked(s)
 	return nil
 }
 
 // DeleteSlot removes slot id (a size-0 KVM_SET_USER_MEMORY_REGION). When it
 // returns, no vCPU can reach the slot's host memory through KVM any more:
-// the caller may unmap it.
+// the caller may unmap it. An unknown slot is ErrNoSlot.
 func (vm *VM) DeleteSlot(id uint32) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
@@ -258,7 +346,7 @@ func (vm *VM) DeleteSlot(id uint32) error {
 	if err := vm.setRegion(id, 0, s.GPA, 0, 0); err != nil {
 		return &SlotError{Op: "DeleteSlot", Slot: id, Err: err}
 	}
-	delete(vm.slots, id)
+	vm.deleteLocked(id)
 	return nil
 }
 
@@ -278,11 +366,12 @@ func (vm *VM) setRegion(slot, flags uint32, gpa, size uint64, uaddr uintptr) err
 
 // DirtyBitmapBytes returns the bytes needed for one bit per page of a slot
 // of pages pages: ceil(pages/8).
-func DirtyBitmapBytes(pages uint64) uint64 { return (pages + 7) / 8 }
+func DirtyBitmapBytes(pages uint64) uint64 { return pages/8 + min(pages%8, 1) }
 
 // DirtyBitmapWords returns the 64-bit words a dirty bitmap for pages pages
-// takes: the kernel copies whole words, so this is what GetDirtyLog needs.
-func DirtyBitmapWords(pages uint64) uint64 { return (pages + 63) / 64 }
+// takes: ceil(pages/64). The kernel copies whole words, so this is what
+// GetDirtyLog needs; it is DirtyBitmapBytes rounded up to 8, divided by 8.
+func DirtyBitmapWords(pages uint64) uint64 { return pages/64 + min(pages%64, 1) }
 
 // GetDirtyLog copies the dirty bitmap of slot id into bitmap: bit i (bit
 // i%64 of word i/64) is page i of the slot. Without manual protect it also
@@ -362,9 +451,14 @@ func (vm *VM) ClearDirtyLog(id uint32, first, n uint64, bitmap []uint64) error {
 		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: manual dirty-log protect is off "+
 			"(call EnableManualDirtyLog)", ErrUnsupported)}
 	}
-	if first%64 != 0 || n == 0 || first > s.Pages() || n > s.Pages()-first || n > math.MaxUint32 {
-		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: pages [%d, +%d) of %d (first must be "+
-			"a multiple of 64)", ErrSlotSize, first, n, s.Pages())}
+	if n == 0 || first > s.Pages() || n > s.Pages()-first || n > math.MaxUint32 {
+		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: pages [%d, +%d) of a %d-page slot",
+			ErrSlotSize, first, n, s.Pages())}
+	}
+	if first%64 != 0 || (n%64 != 0 && first+n != s.Pages()) {
+		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: pages [%d, +%d) of a %d-page slot: the "+
+			"first page and the count must be multiples of 64, except a count that reaches the slot's end",
+			ErrSlotUnaligned, first, n, s.Pages())}
 	}
 	if uint64(len(bitmap)) < DirtyBitmapWords(n) {
 		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: %d words for %d pages", ErrBitmapTooSmall,

@@ -1,8 +1,3 @@
-// Package guest runs tiny x86-64 guest programs on KVM, for the integration
-// tests and the gmem demo. On hosts where KVM emulates guest instructions
-// (about a million a second), programs stay small: they touch one word per
-// page. The assembler emits only plain instructions every emulator has:
-// mov, add, xor, cmp, dec, shr, jcc, out, hlt.
 package guest
 
 import (
@@ -38,6 +33,7 @@ const (
 type Asm struct {
 	b      []byte
 	labels map[string]int
+	dups   []string // labels defined more than once
 	fixups []fixup
 }
 
@@ -117,6 +113,9 @@ func (a *Asm) Shr(r Reg, n uint8) {
 // Out: out port, eax (32 bits of RAX).
 func (a *Asm) Out(port uint8) { a.b = append(a.b, 0xE7, port) }
 
+// In: in eax, port (32 bits, zero-extended into RAX).
+func (a *Asm) In(port uint8) { a.b = append(a.b, 0xE5, port) }
+
 // Hlt: hlt.
 func (a *Asm) Hlt() { a.b = append(a.b, 0xF4) }
 
@@ -143,11 +142,18 @@ func (a *Asm) Label(name string) {
 	if a.labels == nil {
 		a.labels = map[string]int{}
 	}
+	if _, ok := a.labels[name]; ok {
+		a.dups = append(a.dups, name)
+	}
 	a.labels[name] = len(a.b)
 }
 
-// Bytes resolves labels and returns the machine code.
+// Bytes resolves labels and returns the machine code. A label used but
+// never defined, or defined twice, is an error.
 func (a *Asm) Bytes() ([]byte, error) {
+	if len(a.dups) > 0 {
+		return nil, fmt.Errorf("guest: label %q defined more than once", a.dups[0])
+	}
 	out := append([]byte(nil), a.b...)
 	for _, f := range a.fixups {
 		t, ok := a.labels[f.label]

@@ -8,36 +8,42 @@ import (
 	"github.com/gmem-vmm/gmem/kvm"
 )
 
-// Layout of the system slot, relative to Config.SysBase: page tables, a
-// GDT, code and a stack. It is a slot of its own, never dirty-logged, so the
-// accessed and dirty bits the guest CPU sets in its page tables never show
-// in a guest-RAM dirty log.
+// Layout of the system slot, relative to Config.SysBase: page tables (a
+// PML4, a PDPT, and one page directory per mapped GiB, at most 65), a GDT,
+// a TSS, code, and a 64 KiB stack at the top. It is a slot of its own,
+// never dirty-logged, so the accessed and dirty bits the guest CPU sets in
+// its page tables never show in a guest-RAM dirty log.
 const (
+	// SysSize is the size of the system slot.
 	SysSize    = 2 << 20
 	offPML4    = 0x0000
 	offPDPT    = 0x1000
-	offPD      = 0x2000
+	offPD      = 0x2000 // to 0x43000
 	offGDT     = 0x50000
-	offCode    = 0x60000
+	offTSS     = 0x51000
+	offCode    = 0x60000 // to SysSize-0x10000
 	maxMapGiB  = 64
 	defaultSys = 0xFFC0_0000 // in the 32-bit PCI hole of an x86 layout
 )
 
 // Config places the system slot.
 type Config struct {
-	// SysBase is the guest-physical address of the 2 MiB system slot
-	// (default 0xFFC00000, inside the 3–4 GiB hole of guestmem.X86Layout).
+	// SysBase is the guest-physical address of the 2 MiB system slot: a
+	// multiple of 2 MiB below 512 GiB, and not 0, which means the default,
+	// 0xFFC00000 (the top of the 3–4 GiB hole of guestmem.X86Layout).
 	SysBase uint64
 	// MapGiB is how much guest-physical space, from 0, is identity-mapped
-	// with 2 MiB pages (default and maximum 64 GiB).
+	// with 2 MiB pages (default and maximum 64 GiB). The GiB holding the
+	// system slot is always mapped too. A guest access outside the map is
+	// a page fault, and with no IDT the vCPU shuts down (ErrUnexpectedExit).
 	MapGiB int
 }
 
 // Machine is one vCPU in 64-bit long mode with identity-mapped page tables,
 // running programs loaded into its system slot.
 type Machine struct {
-	VM   *kvm.VM
-	CPU  *kvm.VCPU
+	VM   *kvm.VM   // the VM the Machine was made on; it stays open after Close
+	CPU  *kvm.VCPU // vCPU 0, in long mode
 	sys  *arena.Mapping
 	slot uint32
 	base uint64
@@ -50,8 +56,14 @@ func New(vm *kvm.VM, cfg Config) (*Machine, error) {
 	if cfg.SysBase == 0 {
 		cfg.SysBase = defaultSys
 	}
-	if cfg.MapGiB <= 0 || cfg.MapGiB > maxMapGiB {
+	if cfg.SysBase%SysSize != 0 || cfg.SysBase >= 512<<30 {
+		return nil, fmt.Errorf("guest: system slot at %#x: must be a multiple of 2 MiB below 512 GiB", cfg.SysBase)
+	}
+	if cfg.MapGiB <= 0 {
 		cfg.MapGiB = maxMapGiB
+	}
+	if cfg.MapGiB > maxMapGiB {
+		return nil, fmt.Errorf("guest: MapGiB %d: at most %d GiB can be identity-mapped", cfg.MapGiB, maxMapGiB)
 	}
 	sys, err := arena.NewAnon(SysSize)
 	if err != nil {
@@ -102,8 +114,15 @@ func (m *Machine) writeTables(gib int) error {
 	if err := m.put64(offPML4, m.base+offPDPT|present|rw); err != nil {
 		return err
 	}
+	gibs := make([]int, 0, gib+1)
 	for g := 0; g < gib; g++ {
-		pd := int64(offPD + g*0x1000)
+		gibs = append(gibs, g)
+	}
+	if g := int(m.base >> 30); g >= gib {
+		gibs = append(gibs, g) // the system slot's own GiB
+	}
+	for i, g := range gibs {
+		pd := int64(offPD + i*0x1000)
 		if err := m.put64(offPDPT+int64(g)*8, m.base+uint64(pd)|present|rw); err != nil {
 			return err
 		}
@@ -114,14 +133,24 @@ func (m *Machine) writeTables(gib int) error {
 			}
 		}
 	}
-	// GDT: null, 64-bit code (selector 8), data (selector 16).
-	for i, d := range []uint64{0, 0x00af9a000000ffff, 0x00cf92000000ffff} {
+	// GDT: null, 64-bit code (selector 8), data (selector 16), and a
+	// 16-byte busy 64-bit TSS descriptor (selector 24) for the zeroed TSS
+	// at offTSS. Only the registers' hidden parts, set in longMode, matter
+	// to the CPU; the GDT says the same for anyone who reads it.
+	tss := m.base + offTSS
+	tssLo := uint64(tssLimit) | (tss&0xffffff)<<16 | 0xb<<40 | 1<<47 | (tss>>24&0xff)<<56
+	for i, d := range []uint64{0, 0x00af9a000000ffff, 0x00cf92000000ffff, tssLo, tss >> 32} {
 		if err := m.put64(offGDT+int64(i)*8, d); err != nil {
 			return err
 		}
 	}
 	return nil
 }
+
+const (
+	gdtLimit = 5*8 - 1
+	tssLimit = 0x67 // a 104-byte 64-bit TSS
+)
 
 func (m *Machine) longMode() error {
 	if err := m.CPU.SetHostCPUID(); err != nil {
@@ -135,10 +164,15 @@ func (m *Machine) longMode() error {
 	data := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 16, Typ: 3, Present: 1, S: 1, DB: 1, G: 1}
 	s.CS = code
 	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
-	s.GDT = kvm.Descriptor{Base: m.base + offGDT, Limit: 23}
+	// Hardware virtualization checks TR on entry even though nothing here
+	// switches tasks: a present, busy 64-bit TSS. No LDT.
+	s.TR = kvm.Segment{Base: m.base + offTSS, Limit: tssLimit, Selector: 24, Typ: 11, Present: 1}
+	s.LDT = kvm.Segment{Unusable: 1}
+	s.GDT = kvm.Descriptor{Base: m.base + offGDT, Limit: gdtLimit}
+	s.IDT = kvm.Descriptor{} // none: any exception shuts the vCPU down (ExitShutdown)
 	s.CR3 = m.base + offPML4
 	s.CR4 = 1 << 5        // PAE
-	s.CR0 = 0x80050033    // PG, WP, NE, ET, MP, PE
+	s.CR0 = 0x80050033    // PG, AM, WP, NE, ET, MP, PE
 	s.EFER = 1<<8 | 1<<10 // LME, LMA
 	return m.CPU.SetSregs(s)
 }
@@ -168,8 +202,8 @@ func (m *Machine) LoadAsm(a *Asm) (uint64, error) {
 // Handlers answer exits a program causes. A nil handler makes that exit an
 // error.
 type Handlers struct {
-	IO   func(*kvm.IOExit) error
-	MMIO func(*kvm.MMIOExit) error
+	IO   func(*kvm.IOExit) error   // port I/O; needed for IN
+	MMIO func(*kvm.MMIOExit) error // MMIO; reads return zero without it
 }
 
 // Result is what a Call observed.
@@ -182,8 +216,8 @@ type Result struct {
 
 // Out is one port write.
 type Out struct {
-	Port  uint16
-	Value uint32
+	Port  uint16 // the port
+	Value uint32 // the value written (the access's size, zero-extended)
 }
 
 // Port returns the last value written to port and whether there was one.
@@ -208,9 +242,24 @@ func (r *Result) Port64(lo, hi uint16) (uint64, bool) {
 var ErrUnexpectedExit = errors.New("guest: unexpected exit")
 
 // Call runs the program at entry with regs (RIP, RSP and RFLAGS are set
-// here) until it halts. Port writes are recorded; MMIO reads return zero
-// unless h.MMIO answers them; MMIO writes are recorded.
+// here) until it halts, and returns the registers at the HLT. Port writes
+// are recorded in order and passed to h.IO if set; a port read needs h.IO,
+// which writes the value into the exit's Data (zeroed first). MMIO
+// accesses are recorded, and passed to h.MMIO if set; reads return zero
+// unless h.MMIO writes Data. A handler's error ends the Call with it, as do
+// a Run error (a *kvm.MemoryFaultError for inaccessible slot memory) and
+// any other exit (ErrUnexpectedExit: a shutdown from a fault, an internal
+// error from an instruction the emulator lacks). Call has no time limit:
+// a program that never halts keeps it running.
+//
+// A Call that ended on an exit the guest still waits on leaves it pending;
+// the next Call completes it (kvm.VCPU.Complete) before setting registers.
 func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) {
+	// A previous Call may have returned on an exit the guest still waits
+	// on; KVM would apply it, and overwrite the registers, on the next run.
+	if err := m.CPU.Complete(); err != nil {
+		return Result{}, err
+	}
 	regs.RIP = entry
 	regs.RSP = m.base + SysSize - 16
 	regs.RFLAGS = 2
@@ -231,6 +280,8 @@ func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) 
 		case kvm.ExitIO:
 			if e.IO.Out {
 				res.Outs = append(res.Outs, Out{Port: e.IO.Port, Value: e.IO.Value()})
+			} else {
+				clear(e.IO.Data) // the run page holds stale bytes
 			}
 			if h.IO != nil {
 				if err := h.IO(e.IO); err != nil {
@@ -240,12 +291,13 @@ func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) 
 				return res, fmt.Errorf("%w: %v", ErrUnexpectedExit, e)
 			}
 		case kvm.ExitMMIO:
+			if !e.MMIO.Write {
+				clear(e.MMIO.Data) // the run page holds stale bytes
+			}
 			if h.MMIO != nil {
 				if err := h.MMIO(e.MMIO); err != nil {
 					return res, err
 				}
-			} else if !e.MMIO.Write {
-				clear(e.MMIO.Data)
 			}
 			c := *e.MMIO
 			c.Data = append([]byte(nil), e.MMIO.Data...)
