@@ -251,7 +251,12 @@ func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
 		return 0, err
 	}
 	defer t.release()
-	pieces, err := t.resolve("CopyTo", a, n)
+	return t.copyTo("CopyTo", w, a, n)
+}
+
+// copyTo is CopyTo on a table the caller holds.
+func (t *table) copyTo(op string, w io.Writer, a GuestAddress, n uint64) (int64, error) {
+	pieces, err := t.resolve(op, a, n)
 	if err != nil {
 		return 0, err
 	}

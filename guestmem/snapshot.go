@@ -326,7 +326,7 @@ func (sw *snapWriter) batch(pending []entry) error {
 			continue
 		}
 		cw := &crcWriter{w: sw}
-		if _, err := sw.m.copyToLocked(sw.t, cw, e.gpa, e.n); err != nil {
+		if _, err := sw.t.copyTo("Save", cw, e.gpa, e.n); err != nil {
 			return err
 		}
 		le.PutUint32(sum[32+i*4:], cw.crc)
@@ -368,23 +368,6 @@ func (c *crcWriter) Write(b []byte) (int, error) {
 			return done, err
 		}
 		done += len(p)
-	}
-	return done, nil
-}
-
-// copyToLocked is CopyTo on a table the caller holds.
-func (m *Memory) copyToLocked(t *table, w io.Writer, a GuestAddress, n uint64) (int64, error) {
-	pieces, err := t.resolve("Save", a, n)
-	if err != nil {
-		return 0, err
-	}
-	var done int64
-	for _, pc := range pieces {
-		k, err := pc.a.CopyTo(w, pc.off, pc.n)
-		done += k
-		if err != nil {
-			return done, err
-		}
 	}
 	return done, nil
 }
@@ -448,7 +431,7 @@ func (sw *snapWriter) scan(a GuestAddress, n uint64, keepZeros bool) error {
 	s := &scanner{sw: sw, pos: a, keepZeros: keepZeros}
 	for done := uint64(0); done < n; {
 		k := min(n-done, scanWindow)
-		if _, err := sw.m.copyToLocked(sw.t, s, a+GuestAddress(done), k); err != nil {
+		if _, err := sw.t.copyTo("Save", s, a+GuestAddress(done), k); err != nil {
 			return err
 		}
 		done += k
