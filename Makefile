@@ -6,7 +6,7 @@ BENCH_COUNT ?= 5
 FUZZTIME    ?= 20s
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: test fmt-check vet unit bench-smoke bench fuzz lint build
+.PHONY: test fmt-check vet unit bench-smoke bench fuzz lint build demo bench-setup
 
 test: fmt-check vet unit bench-smoke
 
@@ -42,3 +42,13 @@ lint: fmt-check vet
 
 build:
 	$(GO) build ./...
+
+# The demo guest: map, prefault, register with KVM, guest writes and verifies
+# every page, dirty pages, balloon, snapshot. Needs /dev/kvm.
+demo:
+	$(GO) run ./cmd/gmem run
+
+# The default guest-memory setup benchmark, against its peers, with the chart
+# under docs/ (docs/gmem.md explains the method and the figures).
+bench-setup:
+	$(GO) run ./cmd/gmem bench --plot docs/bench-setup.svg

@@ -1,0 +1,422 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/csv"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gmem-vmm/gmem/internal/testenv"
+)
+
+// runGmem runs the command in-process on this host.
+func runGmem(t *testing.T, ctx context.Context, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(ctx, args, &out, &errb, os.DirFS("/"))
+	return code, out.String(), errb.String()
+}
+
+func decodeReport(t *testing.T, s string) *Report {
+	t.Helper()
+	var r Report
+	if err := json.Unmarshal([]byte(s), &r); err != nil {
+		t.Fatalf("%v: %s", err, s)
+	}
+	return &r
+}
+
+func find(r *Report, backing, method string) *Result {
+	for i := range r.Results {
+		if r.Results[i].Backing == backing && r.Results[i].Method == method {
+			return &r.Results[i]
+		}
+	}
+	return nil
+}
+
+// TestBenchTiny runs a whole bench of a 64 MiB guest in-process: every
+// strategy of three backings and the madvise and memset peers, one run
+// each, and checks that each figure is there and each populate populated.
+func TestBenchTiny(t *testing.T) {
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "64M", "--runs", "1", "--warmup", "0",
+		"--backings", "anon,anon-thp,memfd", "--peers", "madvise,memset", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	r := decodeReport(t, out)
+	n := runtime.NumCPU()
+	peers := 2
+	if n > 1 {
+		peers = 4
+	}
+	if want := 3*5 + 3*peers; len(r.Results) != want {
+		t.Fatalf("%d results, want %d: %s", len(r.Results), want, out)
+	}
+	if r.Runs != 1 || r.Warmup != 0 || r.Workers != n || r.Interrupted {
+		t.Errorf("report header %+v", r)
+	}
+	for _, b := range []string{"anon", "anon-thp", "memfd"} {
+		none := find(r, b, "none")
+		if none == nil || none.Map == nil || none.Prefault != nil || none.Teardown == nil || none.Resident != 0 {
+			t.Errorf("%s none: %+v", b, none)
+		}
+		for _, m := range []string{"map-populate", "prefault x1", strategyLabel(stratPrefaultN, n), "touch",
+			"madvise x1", "memset x1"} {
+			res := find(r, b, m)
+			if res == nil {
+				t.Errorf("no %s %s", b, m)
+				continue
+			}
+			if res.Prefault == nil || res.Prefault.N != 1 || res.Prefault.Median <= 0 || res.GiBps <= 0 {
+				t.Errorf("%s %s: %+v", b, m, res)
+			}
+			if res.Resident < 0.99 {
+				t.Errorf("%s %s left %.0f%% resident", b, m, 100*res.Resident)
+			}
+			if wantPeer := strings.HasPrefix(m, "madvise") || strings.HasPrefix(m, "memset"); res.Peer != wantPeer {
+				t.Errorf("%s %s: peer = %v", b, m, res.Peer)
+			}
+		}
+		if res := find(r, b, "prefault x1"); res != nil && (res.Map == nil || res.Teardown == nil) {
+			t.Errorf("%s prefault x1 lacks a phase: %+v", b, res)
+		}
+		if res := find(r, b, "map-populate"); res != nil && res.Map != nil {
+			t.Errorf("map-populate has a separate map phase: %+v", res)
+		}
+	}
+	if readTHP(os.DirFS("/")).Enabled != "never" {
+		if res := find(r, "anon-thp", "prefault x1"); res == nil || res.Huge < 0.5 {
+			t.Errorf("anon-thp prefault x1 is not backed by huge pages: %+v", res)
+		}
+		if res := find(r, "anon", "prefault x1"); res == nil || res.Huge != 0 {
+			t.Errorf("anon without THP got huge pages: %+v", res)
+		}
+	}
+}
+
+// TestBenchCSV checks the CSV form of a real run: a header and one row per
+// figure, all of the same width.
+func TestBenchCSV(t *testing.T) {
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "2", "--warmup", "1",
+		"--backings", "anon-thp", "--strategies", "prefault-1,none", "--peers", "madvise", "--workers", "1", "--csv")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	rows, err := csv.NewReader(strings.NewReader(out)).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 4 || strings.Join(rows[0], ",") != strings.Join(csvHeader(), ",") {
+		t.Fatalf("CSV:\n%s", out)
+	}
+	if rows[1][3] != "prefault x1" || rows[1][6] == "" || rows[3][3] != "madvise x1" {
+		t.Errorf("rows: %v", rows)
+	}
+}
+
+// TestBenchTableAndPlot runs a bench with the default output and a plot.
+func TestBenchTableAndPlot(t *testing.T) {
+	plot := filepath.Join(t.TempDir(), "bench.svg")
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "1", "--warmup", "0",
+		"--backings", "anon-thp,memfd", "--strategies", "prefault-n", "--peers", "memset", "--plot", plot)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{"size", "32MiB", "anon-thp", "memfd", "prefault x", "peer: memset x1"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if b, err := os.ReadFile(plot); err != nil || !bytes.Contains(b, []byte("<svg")) {
+		t.Errorf("plot: %v", err)
+	}
+	if errOut != "" {
+		t.Errorf("stderr not empty (no progress bar without a terminal): %q", errOut)
+	}
+}
+
+// TestBenchRegistersWithKVM checks the KVM registration phase and the
+// gokvm peer, and that the gokvm peer leaves no VM, vCPU or guest RAM
+// behind although machine.Machine has no Close.
+func TestBenchRegistersWithKVM(t *testing.T) {
+	testenv.KVM(t)
+	before, err := snapshotProc()
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "64M", "--runs", "2", "--warmup", "0",
+		"--backings", "anon-thp", "--strategies", "none,prefault-1,map-populate", "--peers", "gokvm", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	r := decodeReport(t, out)
+	for _, m := range []string{"none", "prefault x1", "map-populate"} {
+		res := find(r, "anon-thp", m)
+		if res == nil || res.Register == nil || res.Register.Median <= 0 || res.Register.N != 2 {
+			t.Errorf("%s: no KVM registration figure: %+v", m, res)
+		}
+	}
+	g := find(r, "shmem", "gokvm machine.New")
+	if g == nil || g.Prefault == nil || g.Prefault.Median <= 0 || g.Teardown == nil || g.Resident < 0.95 {
+		t.Fatalf("gokvm: %+v (notes %v)", g, r.Notes)
+	}
+	after, err := snapshotProc()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for fd, target := range after.fds {
+		if strings.HasPrefix(target, "anon_inode:kvm-") && before.fds[fd] != target {
+			t.Errorf("fd %d (%s) left open", fd, target)
+		}
+	}
+	if v, ok := after.newShared(before, uint64(64*MiB)); ok {
+		t.Errorf("gokvm's guest RAM is still mapped: %+v", v)
+	}
+}
+
+// fakeQEMU writes a script that behaves like QEMU's monitor on stdio and
+// logs its arguments: enough to test the QEMU peer without QEMU.
+func fakeQEMU(t *testing.T, body string) (bin, log string) {
+	dir := t.TempDir()
+	bin, log = filepath.Join(dir, "qemu-system-x86_64"), filepath.Join(dir, "args")
+	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'QEMU emulator version 0.0 (fake)'; exit 0; fi\n" +
+		"echo \"$@\" >> " + log + "\n" + body
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin, log
+}
+
+func TestBenchQEMUPeerWithAFakeQEMU(t *testing.T) {
+	bin, log := fakeQEMU(t, "echo 'QEMU 0.0 monitor'\nprintf '(qemu) '\nread cmd\n[ \"$cmd\" = quit ] || exit 3\n")
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "2", "--warmup", "0",
+		"--backings", "anon-thp,memfd,anon", "--strategies", "none", "--peers", "qemu", "--qemu", bin,
+		"--workers", "2", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	r := decodeReport(t, out)
+	if r.Host.QEMU != "QEMU emulator version 0.0 (fake)" {
+		t.Errorf("QEMU version %q", r.Host.QEMU)
+	}
+	for _, b := range []string{"anon-thp", "memfd"} {
+		res := find(r, b, "qemu prealloc x2")
+		if res == nil || res.Prefault == nil || res.Prefault.N != 2 || !strings.Contains(res.Note, "subtracted") {
+			t.Errorf("%s: %+v", b, res)
+		}
+	}
+	if find(r, "anon", "qemu prealloc x2") != nil {
+		t.Error("a QEMU figure for anon, which QEMU has no backend for")
+	}
+	args, err := os.ReadFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"-machine none -nodefaults -no-user-config -display none -S -object " +
+			"memory-backend-ram,id=m,size=33554432,prealloc=on,prealloc-threads=2 -monitor stdio",
+		"memory-backend-ram,id=m,size=33554432,prealloc=off",
+		"memory-backend-memfd,id=m,size=33554432,prealloc=on,prealloc-threads=2",
+	} {
+		if !strings.Contains(string(args), want) {
+			t.Errorf("QEMU was never started with %q:\n%s", want, args)
+		}
+	}
+	// 2 backings x (1 page-cache warm-up + 3 baseline + 2 runs).
+	if n := strings.Count(string(args), "\n"); n != 2*(1+qemuBaselineRuns+2) {
+		t.Errorf("QEMU started %d times", n)
+	}
+}
+
+func TestBenchQEMUThatFailsIsANote(t *testing.T) {
+	bin, _ := fakeQEMU(t, "echo 'qemu-system-x86_64: cannot allocate memory' >&2\nexit 1\n")
+	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "1", "--warmup", "0",
+		"--backings", "anon-thp", "--strategies", "none", "--peers", "qemu", "--qemu", bin, "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	r := decodeReport(t, out)
+	found := false
+	for _, n := range r.Notes {
+		found = found || strings.Contains(n, "exited before its monitor prompt: qemu-system-x86_64: cannot allocate memory")
+	}
+	if !found {
+		t.Errorf("notes %q do not report QEMU's failure", r.Notes)
+	}
+}
+
+// TestBenchInterrupted cancels a long bench part way, as Ctrl-C does: the
+// command exits 130 and prints what it measured.
+func TestBenchInterrupted(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(time.Second, cancel)
+	code, out, errOut := runGmem(t, ctx, "bench", "--sizes", "32M", "--runs", "100000", "--warmup", "1",
+		"--backings", "anon", "--strategies", "prefault-1,touch", "--peers", "madvise", "--json")
+	if code != exitInterrupted {
+		t.Fatalf("exit %d, want %d: %s", code, exitInterrupted, errOut)
+	}
+	if !strings.Contains(errOut, "interrupted") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+		t.Errorf("stderr %q", errOut)
+	}
+	r := decodeReport(t, out)
+	if !r.Interrupted || len(r.Results) != 1 || r.Results[0].Prefault == nil || r.Results[0].Prefault.N < 1 ||
+		!strings.Contains(r.Results[0].Note, "interrupted") {
+		t.Fatalf("report %+v", r)
+	}
+}
+
+// TestErrorsAreOneLine checks that every refusal is one line on stderr and
+// a non-zero exit, before anything is allocated.
+func TestErrorsAreOneLine(t *testing.T) {
+	small := defaultFakeHost()
+	small.memAvailKB = 1 << 20 // 1 GiB available
+	for _, tc := range []struct {
+		name string
+		args []string
+		root fakeHost
+		code int
+		want []string
+	}{
+		{"unknown flag", []string{"bench", "--bogus"}, defaultFakeHost(), exitUsage, []string{"unknown flag --bogus"}},
+		{"unknown command", []string{"frobnicate"}, defaultFakeHost(), exitUsage, []string{"unexpected argument frobnicate"}},
+		{"malformed size", []string{"bench", "--sizes", "4X"}, defaultFakeHost(), exitUsage,
+			[]string{"--sizes", "unknown unit"}},
+		{"decimal units", []string{"bench", "--sizes", "4GB"}, defaultFakeHost(), exitUsage, []string{"write G or GiB"}},
+		{"unaligned size", []string{"bench", "--sizes", "3M"}, defaultFakeHost(), exitError,
+			[]string{"3MiB is not a positive multiple of 2 MiB"}},
+		{"too large", []string{"bench", "--sizes", "1G,4G"}, small, exitError,
+			[]string{"size 4GiB (4294967296 bytes) is more than", "MemAvailable is 1.0 GiB (1073741824 bytes)"}},
+		{"hugetlb without a pool", []string{"bench", "--sizes", "64M", "--backings", "hugetlb"}, defaultFakeHost(),
+			exitError, []string{"backing hugetlb unavailable for 64MiB", "0 free pages", "nr_hugepages"}},
+		{"missing QEMU", []string{"bench", "--sizes", "64M", "--peers", "qemu", "--qemu", "/nonexistent/qemu"},
+			defaultFakeHost(), exitError, []string{"QEMU binary /nonexistent/qemu"}},
+		{"unknown backing", []string{"bench", "--backings", "tmpfs"}, defaultFakeHost(), exitError,
+			[]string{`--backings: unknown name "tmpfs"`}},
+		{"bad plot", []string{"bench", "--plot", "x.pdf"}, defaultFakeHost(), exitError, []string{".svg or .png"}},
+		{"json and csv", []string{"bench", "--json", "--csv"}, defaultFakeHost(), exitUsage,
+			[]string{"--json and --csv can't be used together"}},
+		{"no runs", []string{"bench", "--runs", "0"}, defaultFakeHost(), exitError, []string{"--runs 0"}},
+		{"bad number", []string{"bench", "--runs", "five"}, defaultFakeHost(), exitUsage, []string{"--runs"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			code := run(context.Background(), tc.args, &out, &errb, tc.root.fs())
+			if code != tc.code {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errb.String())
+			}
+			msg := errb.String()
+			if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "gmem: error: ") {
+				t.Errorf("stderr is not one error line: %q", msg)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("stderr %q does not say %q", msg, w)
+				}
+			}
+			if out.Len() != 0 {
+				t.Errorf("stdout not empty: %q", out.String())
+			}
+		})
+	}
+}
+
+func TestHelpExitsZero(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"bench", "--help"}, &out, &errb, defaultFakeHost().fs()); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, flag := range []string{"--sizes", "--backings", "--strategies", "--peers", "--workers", "--runs", "--warmup",
+		"--hugepage-size", "--qemu", "--kvm", "--json", "--csv", "--plot", "--no-progress"} {
+		if !strings.Contains(out.String(), flag) {
+			t.Errorf("help lacks %s", flag)
+		}
+	}
+}
+
+func TestSplitRange(t *testing.T) {
+	for _, tc := range []struct {
+		n, granule uint64
+		parts      int
+		want       [][2]uint64
+	}{
+		{8 << 20, 2 << 20, 2, [][2]uint64{{0, 4 << 20}, {4 << 20, 8 << 20}}},
+		{6 << 20, 2 << 20, 2, [][2]uint64{{0, 4 << 20}, {4 << 20, 6 << 20}}},
+		{2 << 20, 2 << 20, 4, [][2]uint64{{0, 2 << 20}}},
+		{10, 4096, 0, [][2]uint64{{0, 10}}},
+	} {
+		got := splitRange(tc.n, tc.granule, tc.parts)
+		if len(got) != len(tc.want) {
+			t.Errorf("splitRange(%d, %d, %d) = %v, want %v", tc.n, tc.granule, tc.parts, got, tc.want)
+			continue
+		}
+		for i := range got {
+			if got[i] != tc.want[i] {
+				t.Errorf("splitRange(%d, %d, %d) = %v, want %v", tc.n, tc.granule, tc.parts, got, tc.want)
+			}
+		}
+	}
+}
+
+func TestQEMUArgs(t *testing.T) {
+	huge, _ := backingByName(backingHugetlb, 2<<20)
+	args, ok := qemuArgs(GiB, huge, 4, true, "kvm")
+	if !ok || strings.Join(args, " ") != "-accel kvm -machine none -nodefaults -no-user-config -display none -S "+
+		"-object memory-backend-memfd,id=m,size=1073741824,hugetlb=on,hugetlbsize=2097152,prealloc=on,prealloc-threads=4 "+
+		"-monitor stdio" {
+		t.Errorf("qemuArgs = %q", args)
+	}
+	anon, _ := backingByName(backingAnon, 0)
+	if _, ok := qemuArgs(GiB, anon, 1, false, "tcg"); ok {
+		t.Error("QEMU args for plain anonymous memory")
+	}
+}
+
+func TestWaitForPrompt(t *testing.T) {
+	if !waitForPrompt(strings.NewReader("QEMU 7.2 monitor - type 'help'\n(qemu) "), "(qemu)") {
+		t.Error("prompt not seen")
+	}
+	if waitForPrompt(strings.NewReader(strings.Repeat("x", 10000)+"(qem"), "(qemu)") {
+		t.Error("prompt seen in output without it")
+	}
+}
+
+func TestParseMapsLine(t *testing.T) {
+	v, ok := parseMapsLine("7f0000000000-7f0100000000 rw-s 00000000 00:01 2048      /dev/zero (deleted)")
+	if !ok || v.start != 0x7f0000000000 || v.end != 0x7f0100000000 || v.perms != "rw-s" || v.path != "/dev/zero (deleted)" {
+		t.Fatalf("parseMapsLine = %+v, %v", v, ok)
+	}
+	if _, ok := parseMapsLine("Rss:  4 kB"); ok {
+		t.Fatal("an smaps field parsed as a mapping")
+	}
+}
+
+// A lazy guest (strategy none, no peers) populates nothing, so it may be
+// larger than the host's available memory; anything that populates may not.
+func TestBenchLazyGuestLargerThanMemory(t *testing.T) {
+	testenv.KVM(t)
+	small := defaultFakeHost()
+	small.memAvailKB = 1 << 20 // 1 GiB available
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"bench", "--sizes", "64G", "--strategies", "none", "--peers", "none",
+		"--backings", "anon,memfd", "--runs", "1", "--warmup", "0", "--json"}, &out, &errb, small.fs())
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	r := decodeReport(t, out.String())
+	if len(r.Results) != 2 {
+		t.Fatalf("results: %+v", r.Results)
+	}
+	errb.Reset()
+	code = run(context.Background(), []string{"bench", "--sizes", "64G", "--strategies", "none", "--peers", "madvise"},
+		&out, &errb, small.fs())
+	if code != exitError || !strings.Contains(errb.String(), "choose a smaller --sizes") {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+}

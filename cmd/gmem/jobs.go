@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"time"
+
+	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/kvm"
+)
+
+// strategyLabel is the method column of a gmem strategy.
+func strategyLabel(st string, workers int) string {
+	switch st {
+	case stratPrefault1:
+		return "prefault x1"
+	case stratPrefaultN:
+		return fmt.Sprintf("prefault x%d", workers)
+	}
+	return st
+}
+
+// gmemJob times guest RAM set up by guestmem: New (reserve and map), KVM
+// slot registration, the prefault strategy, and Close. dev may be nil (no
+// KVM): registration is then not measured.
+func gmemJob(size Size, bk Backing, st string, workers int, dev *kvm.Device) job {
+	w := 1
+	if st == stratPrefaultN {
+		w = workers
+	}
+	j := job{size: size, backing: bk.Name, method: strategyLabel(st, workers), workers: w}
+	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
+		once := func(ctx context.Context) (sample, error) {
+			if st == stratMapPopulate {
+				return mapPopulateRun(size, bk, dev)
+			}
+			return gmemRun(ctx, size, bk, st, w, dev)
+		}
+		return once, func() error { return nil }, nil
+	}
+	return j
+}
+
+// registerSlots creates a VM and times registering one memory slot per
+// region. It returns the VM, which the caller closes.
+func registerSlots(dev *kvm.Device, regions []guestmem.Region) (*kvm.VM, time.Duration, error) {
+	vm, err := dev.CreateVM()
+	if err != nil {
+		return nil, 0, err
+	}
+	t0 := time.Now()
+	for i, r := range regions {
+		err := vm.SetSlot(kvm.Slot{ID: uint32(i), GPA: uint64(r.GPA), Size: r.Size, HostAddr: r.HostAddr})
+		if err != nil {
+			vm.Close()
+			return nil, 0, err
+		}
+	}
+	return vm, time.Since(t0), nil
+}
+
+// gmemRun is one run of a guestmem strategy.
+func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int, dev *kvm.Device) (s sample,
+	err error) {
+	s = sample{register: notApplicable}
+	t0 := time.Now()
+	m, err := guestmem.New(guestmem.X86Layout(uint64(size)), bk.guestmemOptions()...)
+	s.mapT = time.Since(t0)
+	if err != nil {
+		return s, fmt.Errorf("guestmem.New: %w", err)
+	}
+	var vm *kvm.VM
+	defer func() {
+		if vm != nil {
+			err = errors.Join(err, vm.Close())
+		}
+		if m != nil {
+			err = errors.Join(err, m.Close())
+		}
+	}()
+	if dev != nil {
+		if vm, s.register, err = registerSlots(dev, m.Regions()); err != nil {
+			return s, fmt.Errorf("KVM registration: %w", err)
+		}
+	}
+	t1 := time.Now()
+	switch st {
+	case stratNone:
+	case stratPrefault1, stratPrefaultN:
+		err = m.Prefault(ctx, guestmem.PrefaultOptions{Workers: workers})
+	case stratTouch:
+		for _, r := range m.Regions() {
+			var b []byte
+			if b, err = m.Slice(r.GPA, r.Size); err == nil {
+				err = touchPages(ctx, b)
+			}
+			if err != nil {
+				break
+			}
+		}
+	default:
+		err = fmt.Errorf("unknown strategy %q", st)
+	}
+	s.prefault = time.Since(t1)
+	if st == stratNone {
+		s.prefault = notApplicable
+	}
+	if err != nil {
+		return s, err
+	}
+	if stats, err := m.Stats(); err == nil {
+		var huge, res uint64
+		for _, r := range stats {
+			huge += r.HugePages
+			res += r.Resident
+		}
+		s.huge, s.resident = float64(huge)/float64(size), float64(res)/float64(size)
+	}
+	if vm != nil {
+		err := vm.Close()
+		vm = nil
+		if err != nil {
+			return s, err
+		}
+	}
+	t2 := time.Now()
+	err = m.Close()
+	s.teardown = time.Since(t2)
+	m = nil
+	return s, err
+}
+
+// mapPopulateRun is one run of the map-populate strategy. guestmem has no
+// MAP_POPULATE option, so this maps the same size and backing directly with
+// MAP_POPULATE (through package arena), and registers it as the same x86
+// layout's slots. The mmap and the populate are one system call: the whole
+// of it is reported as the prefault phase, and there is no separate map
+// phase.
+func mapPopulateRun(size Size, bk Backing, dev *kvm.Device) (s sample, err error) {
+	s = sample{mapT: notApplicable, register: notApplicable}
+	t0 := time.Now()
+	p, err := mapPlain(uint64(size), bk, true)
+	s.prefault = time.Since(t0)
+	if err != nil {
+		return s, fmt.Errorf("mmap(MAP_POPULATE): %w", err)
+	}
+	defer func() {
+		if p != nil {
+			err = errors.Join(err, p.close())
+		}
+	}()
+	if dev != nil {
+		var regions []guestmem.Region
+		off := uintptr(0)
+		for _, r := range guestmem.X86Layout(uint64(size)) {
+			regions = append(regions, guestmem.Region{GPA: r.GPA, Size: r.Size, HostAddr: p.m.Addr() + off})
+			off += uintptr(r.Size)
+		}
+		vm, d, err := registerSlots(dev, regions)
+		if err != nil {
+			return s, fmt.Errorf("KVM registration: %w", err)
+		}
+		s.register = d
+		if err := vm.Close(); err != nil {
+			return s, err
+		}
+	}
+	s.huge, s.resident = p.hugeFraction()
+	t1 := time.Now()
+	err = p.close()
+	s.teardown = time.Since(t1)
+	p = nil
+	return s, err
+}
+
+// madviseJob is the direct-madvise peer: madvise(MADV_POPULATE_WRITE) from
+// workers threads on a plain mapping of the same size and backing, the
+// system call guestmem's Prefault makes, without guestmem.
+func madviseJob(size Size, bk Backing, workers int) job {
+	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("madvise x%d", workers), peer: true, workers: workers}
+	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
+		once := func(context.Context) (s sample, err error) {
+			s = sample{mapT: notApplicable, register: notApplicable, teardown: notApplicable}
+			p, err := mapPlain(uint64(size), bk, false)
+			if err != nil {
+				return s, err
+			}
+			defer func() { err = errors.Join(err, p.close()) }()
+			t0 := time.Now()
+			err = populateDirect(p.b, bk.granule(), workers)
+			s.prefault = time.Since(t0)
+			s.huge, s.resident = p.hugeFraction()
+			return s, err
+		}
+		return once, func() error { return nil }, nil
+	}
+	return j
+}
+
+// memsetJob is the write-bandwidth limit: clearing memory that is already
+// populated and already written once, from workers threads. The first
+// write by user space to a page the kernel populated can cost extra (a
+// hypervisor's shadow-paging fault, on some hosts), so the timed passes
+// come after an untimed one.
+func memsetJob(size Size, bk Backing, workers int) job {
+	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("memset x%d", workers), peer: true, workers: workers}
+	j.open = func(ctx context.Context) (func(context.Context) (sample, error), func() error, error) {
+		p, err := mapPlain(uint64(size), bk, false)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := populateDirect(p.b, bk.granule(), runtime.NumCPU()); err != nil {
+			return nil, nil, errors.Join(err, p.close())
+		}
+		if err := memset(ctx, p.b, runtime.NumCPU()); err != nil {
+			return nil, nil, errors.Join(err, p.close())
+		}
+		huge, res := p.hugeFraction()
+		once := func(ctx context.Context) (sample, error) {
+			s := sample{mapT: notApplicable, register: notApplicable, teardown: notApplicable, huge: huge,
+				resident: res}
+			t0 := time.Now()
+			err := memset(ctx, p.b, workers)
+			s.prefault = time.Since(t0)
+			return s, err
+		}
+		return once, p.close, nil
+	}
+	return j
+}

@@ -1,0 +1,239 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"runtime/debug"
+	"sync"
+
+	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/guestmem"
+	"golang.org/x/sys/unix"
+)
+
+// Backing is one way of backing guest RAM that the bench measures.
+type Backing struct {
+	Name     string           // flag value and table label: anon, anon-thp, memfd, hugetlb
+	Kind     guestmem.Backing // the guestmem backing
+	THP      bool             // transparent hugepages requested (MADV_HUGEPAGE)
+	HugePage uint64           // hugetlb page size; 0 for other backings
+}
+
+// The backing names the --backings flag accepts.
+const (
+	backingAnon    = "anon"
+	backingAnonTHP = "anon-thp"
+	backingMemfd   = "memfd"
+	backingHugetlb = "hugetlb"
+)
+
+var allBackings = []string{backingAnon, backingAnonTHP, backingMemfd, backingHugetlb}
+
+// backingByName returns the backing called name; hugePage is the hugetlb
+// page size.
+func backingByName(name string, hugePage uint64) (Backing, error) {
+	switch name {
+	case backingAnon:
+		return Backing{Name: name, Kind: guestmem.Anonymous}, nil
+	case backingAnonTHP:
+		return Backing{Name: name, Kind: guestmem.Anonymous, THP: true}, nil
+	case backingMemfd:
+		return Backing{Name: name, Kind: guestmem.Memfd, THP: true}, nil
+	case backingHugetlb:
+		return Backing{Name: name, Kind: guestmem.Hugetlb, HugePage: hugePage}, nil
+	}
+	return Backing{}, fmt.Errorf("unknown backing %q (want one of %v)", name, allBackings)
+}
+
+// guestmemOptions are the guestmem.New options for b.
+func (b Backing) guestmemOptions() []guestmem.Option {
+	opts := []guestmem.Option{guestmem.WithBacking(b.Kind), guestmem.WithName("gmem-bench")}
+	if b.Kind == guestmem.Hugetlb {
+		opts = append(opts, guestmem.WithHugetlb(b.HugePage))
+	}
+	if !b.THP {
+		opts = append(opts, guestmem.WithoutTransparentHugepages())
+	}
+	return opts
+}
+
+// granule is the page size of the backing: the unit work is split in.
+func (b Backing) granule() uint64 {
+	if b.HugePage != 0 {
+		return b.HugePage
+	}
+	return 2 << 20 // a transparent hugepage is never split between workers
+}
+
+// plainMapping is memory of one backing mapped directly, not through
+// guestmem: the baseline the peers and the MAP_POPULATE strategy use.
+type plainMapping struct {
+	m *arena.Mapping
+	b []byte // the whole mapping; valid until close
+}
+
+// mapPlain maps size bytes of backing b: private anonymous memory
+// (MAP_NORESERVE, 2 MiB aligned) or a shared mapping of a fresh memfd or
+// hugetlb memfd. With populate the mmap carries MAP_POPULATE. MADV_HUGEPAGE
+// is applied after the mmap when b asks for THP, so a populating mmap gets
+// it too late, as it would in any program.
+func mapPlain(size uint64, b Backing, populate bool) (*plainMapping, error) {
+	var opts []arena.Option
+	if populate {
+		opts = append(opts, arena.Populate())
+	}
+	var m *arena.Mapping
+	var err error
+	switch b.Kind {
+	case guestmem.Anonymous:
+		opts = append(opts, arena.Private(), arena.NoReserve(), arena.Align(2<<20))
+		m, err = arena.NewAnon(int64(size), opts...)
+	case guestmem.Memfd, guestmem.Hugetlb:
+		flags := unix.MFD_CLOEXEC
+		align := uint64(2 << 20)
+		if b.Kind == guestmem.Hugetlb {
+			flags |= unix.MFD_HUGETLB | bits.TrailingZeros64(b.HugePage)<<unix.MFD_HUGE_SHIFT
+			align = max(align, b.HugePage)
+		}
+		fd, ferr := unix.MemfdCreate("gmem-bench", flags)
+		if ferr != nil {
+			return nil, fmt.Errorf("memfd_create: %w", ferr)
+		}
+		if ferr = unix.Ftruncate(fd, int64(size)); ferr != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("ftruncate memfd to %d: %w", size, ferr)
+		}
+		opts = append(opts, arena.Align(int64(align)))
+		m, err = arena.NewFromFD(fd, 0, int64(size), opts...)
+		unix.Close(fd) // the mapping holds its own reference
+	default:
+		return nil, fmt.Errorf("backing %v cannot be mapped directly", b.Kind)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if b.THP {
+		// Shmem accepts the advice too; whether it has an effect depends on
+		// shmem_enabled.
+		if err := m.UseHugepages(0, int64(size)); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	bs, err := m.Bytes(0, int64(size))
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	return &plainMapping{m: m, b: bs}, nil
+}
+
+func (p *plainMapping) close() error {
+	p.b = nil
+	return p.m.Close()
+}
+
+// hugeFraction returns the fraction of the mapping's bytes that the kernel
+// maps with huge pages (THP, shmem PMD or hugetlb), and the resident
+// fraction, from /proc/self/smaps.
+func (p *plainMapping) hugeFraction() (huge, resident float64) {
+	st, err := p.m.Stats()
+	if err != nil || p.m.Size() == 0 {
+		return 0, 0
+	}
+	size := float64(p.m.Size())
+	h := st.AnonHugePages + st.ShmemPmdMapped + st.FilePmdMapped + st.Hugetlb
+	return float64(h) / size, float64(st.Rss+st.Hugetlb) / size
+}
+
+// splitRange cuts [0, n) into at most parts contiguous pieces whose
+// boundaries are multiples of granule.
+func splitRange(n, granule uint64, parts int) [][2]uint64 {
+	if parts < 1 {
+		parts = 1
+	}
+	units := (n + granule - 1) / granule
+	per := (units + uint64(parts) - 1) / uint64(parts)
+	var out [][2]uint64
+	for lo := uint64(0); lo < n; lo += per * granule {
+		out = append(out, [2]uint64{lo, min(n, lo+per*granule)})
+	}
+	return out
+}
+
+// populateDirect populates b with madvise(MADV_POPULATE_WRITE) from workers
+// goroutines, each on one contiguous share of the range.
+func populateDirect(b []byte, granule uint64, workers int) error {
+	parts := splitRange(uint64(len(b)), granule, workers)
+	errs := make([]error, len(parts))
+	var wg sync.WaitGroup
+	for i, r := range parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := unix.Madvise(b[r[0]:r[1]], unix.MADV_POPULATE_WRITE); err != nil {
+				errs[i] = fmt.Errorf("madvise(MADV_POPULATE_WRITE): %w", err)
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// catchFault turns a memory fault during a touch of mapped memory into an
+// error instead of a crash.
+func catchFault(err *error) {
+	if r := recover(); r != nil {
+		*err = fmt.Errorf("memory fault while touching guest RAM: %v", r)
+	}
+}
+
+// touchChunk is how many bytes the touch loops do between checks of ctx.
+const touchChunk = 64 << 20
+
+// touchPages writes one byte in every 4 KiB page of b from this goroutine,
+// as a VMM that populates by touching does.
+func touchPages(ctx context.Context, b []byte) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer catchFault(&err)
+	for lo := 0; lo < len(b); lo += touchChunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		hi := min(len(b), lo+touchChunk)
+		for i := lo; i < hi; i += 4096 {
+			b[i] = 1
+		}
+	}
+	return nil
+}
+
+// memset clears b with workers goroutines, each on one contiguous share.
+func memset(ctx context.Context, b []byte, workers int) error {
+	parts := splitRange(uint64(len(b)), 2<<20, workers)
+	errs := make([]error, len(parts))
+	var wg sync.WaitGroup
+	for i, r := range parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = clearChunks(ctx, b[r[0]:r[1]])
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func clearChunks(ctx context.Context, b []byte) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer catchFault(&err)
+	for lo := 0; lo < len(b); lo += touchChunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clear(b[lo:min(len(b), lo+touchChunk)])
+	}
+	return nil
+}
