@@ -38,6 +38,7 @@ type BenchCmd struct {
 	CSV          bool     `xor:"format" help:"Print the results as CSV instead of a table."`
 	Plot         string   `placeholder:"FILE" help:"Also chart GiB/s per strategy, backing and peer to FILE (.svg or .png)."`
 	NoProgress   bool     `help:"Never show the progress bar (it is shown only when stderr is a terminal)."`
+	GuestTouch   string   `name:"guest-touch" default:"auto" enum:"auto,on,off" help:"Time a vCPU writing every page after strategies none and prefault-n (first touch without and with prefault): on, off, or auto (guests up to 1 GiB: guest code may run in KVM's instruction emulator, at about 0.2 million pages a second) (default: ${default})."`
 }
 
 // Strategy names.
@@ -124,6 +125,7 @@ type job struct {
 // method does not have.
 type sample struct {
 	mapT, register, prefault, teardown time.Duration
+	guestTouch                         time.Duration // a vCPU writing every page, after the prefault
 	huge, resident                     float64
 	note                               string // about the method, for the result
 }
@@ -155,6 +157,12 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 	}
 	if len(c.Sizes) == 0 {
 		return nil, errors.New("--sizes: no size given")
+	}
+	if c.GuestTouch == "on" {
+		if len(slices.DeleteFunc(slices.Clone(c.Sizes), func(s Size) bool { return s <= guestTouchMax })) > 0 {
+			return nil, fmt.Errorf("--guest-touch on: the guest identity-maps %v of guest-physical memory; "+
+				"choose --sizes of at most %v", guestTouchMax+4*GiB, guestTouchMax)
+		}
 	}
 	sizes := uniq(c.Sizes)
 	for _, s := range sizes {
@@ -269,7 +277,9 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 				continue
 			}
 			for _, st := range strategies {
-				b.jobs = append(b.jobs, gmemJob(s, sb.b, st, workers, b.kvm))
+				touch := b.kvm != nil && (st == stratNone || st == stratPrefaultN) &&
+					(c.GuestTouch == "on" || c.GuestTouch == "auto" && s <= guestTouchAuto)
+				b.jobs = append(b.jobs, gmemJob(s, sb.b, st, workers, b.kvm, touch))
 			}
 		}
 		for _, sb := range matrix {
@@ -513,6 +523,12 @@ func summarizeJob(j job, samples []sample, warmup int) Result {
 	r.Register = phase(func(s sample) time.Duration { return s.register })
 	r.Prefault = phase(func(s sample) time.Duration { return s.prefault })
 	r.Teardown = phase(func(s sample) time.Duration { return s.teardown })
+	r.GuestTouch = phase(func(s sample) time.Duration {
+		if s.guestTouch == 0 {
+			return notApplicable // not measured: a vCPU touching any memory takes time
+		}
+		return s.guestTouch
+	})
 	r.Setup = phase(func(s sample) time.Duration {
 		return max(s.mapT, 0) + max(s.register, 0) + max(s.prefault, 0)
 	})

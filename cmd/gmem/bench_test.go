@@ -420,3 +420,29 @@ func TestBenchLazyGuestLargerThanMemory(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
 }
+
+// --guest-touch: a vCPU writes every page after strategies none and
+// prefault-n, and only there.
+func TestBenchGuestTouch(t *testing.T) {
+	testenv.KVM(t)
+	code, out, errs := runGmem(t, context.Background(), "bench", "--sizes", "16M", "--backings", "anon,memfd",
+		"--strategies", "none,prefault-1,prefault-n", "--peers", "none", "--runs", "1", "--warmup", "0", "--json",
+		"--guest-touch", "on")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	r := decodeReport(t, out)
+	for _, res := range r.Results {
+		measured := res.Method == "none" || strings.HasPrefix(res.Method, "prefault x") && res.Method != "prefault x1"
+		if (res.GuestTouch != nil) != measured {
+			t.Errorf("%s %s: guest touch %+v", res.Backing, res.Method, res.GuestTouch)
+		}
+		if res.GuestTouch != nil && res.GuestTouch.Median <= 0 {
+			t.Errorf("%s %s: guest touch not timed", res.Backing, res.Method)
+		}
+	}
+	code, _, errs = runGmem(t, context.Background(), "bench", "--sizes", "128G", "--guest-touch", "on")
+	if code != exitError || !strings.Contains(errs, "choose --sizes of at most") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+}

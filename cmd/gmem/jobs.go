@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/guest"
 	"github.com/gmem-vmm/gmem/kvm"
 )
 
@@ -22,10 +23,20 @@ func strategyLabel(st string, workers int) string {
 	return st
 }
 
-// gmemJob times guest RAM set up by guestmem: New (reserve and map), KVM
-// slot registration, the prefault strategy, and Close. dev may be nil (no
-// KVM): registration is then not measured.
-func gmemJob(size Size, bk Backing, st string, workers int, dev *kvm.Device) job {
+// guestTouchAuto is the largest guest whose first touch by a vCPU is timed
+// by default (--guest-touch auto); guestTouchMax is the largest at all: the
+// harness identity-maps 64 GiB of guest-physical space, and the x86 layout
+// puts RAM past 3 GiB above 4 GiB.
+const (
+	guestTouchAuto = 1 * GiB
+	guestTouchMax  = 60 * GiB
+)
+
+// gmemJob times guest RAM set up by guestmem: New (reserve and map),
+// Register with a VM, the prefault strategy, optionally a vCPU writing every
+// page (touch), and Close. dev may be nil (no KVM): registration and the
+// guest touch are then not measured.
+func gmemJob(size Size, bk Backing, st string, workers int, dev *kvm.Device, touch bool) job {
 	w := 1
 	if st == stratPrefaultN {
 		w = workers
@@ -36,7 +47,7 @@ func gmemJob(size Size, bk Backing, st string, workers int, dev *kvm.Device) job
 			if st == stratMapPopulate {
 				return mapPopulateRun(size, bk, dev)
 			}
-			return gmemRun(ctx, size, bk, st, w, dev)
+			return gmemRun(ctx, size, bk, st, w, dev, touch)
 		}
 		return once, func() error { return nil }, nil
 	}
@@ -62,9 +73,9 @@ func registerSlots(dev *kvm.Device, regions []guestmem.Region) (*kvm.VM, time.Du
 }
 
 // gmemRun is one run of a guestmem strategy.
-func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int, dev *kvm.Device) (s sample,
-	err error) {
-	s = sample{register: notApplicable}
+func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int, dev *kvm.Device,
+	touch bool) (s sample, err error) {
+	s = sample{register: notApplicable, guestTouch: notApplicable}
 	t0 := time.Now()
 	m, err := guestmem.New(guestmem.X86Layout(uint64(size)), bk.guestmemOptions()...)
 	s.mapT = time.Since(t0)
@@ -72,7 +83,11 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 		return s, fmt.Errorf("guestmem.New: %w", err)
 	}
 	var vm *kvm.VM
+	var mach *guest.Machine
 	defer func() {
+		if mach != nil {
+			err = errors.Join(err, mach.Close())
+		}
 		if vm != nil {
 			err = errors.Join(err, vm.Close())
 		}
@@ -81,9 +96,14 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 		}
 	}()
 	if dev != nil {
-		if vm, s.register, err = registerSlots(dev, m.Regions()); err != nil {
+		if vm, err = dev.CreateVM(); err != nil {
+			return s, err
+		}
+		t := time.Now()
+		if err := m.Register(vm); err != nil {
 			return s, fmt.Errorf("KVM registration: %w", err)
 		}
+		s.register = time.Since(t)
 	}
 	t1 := time.Now()
 	switch st {
@@ -110,6 +130,7 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 	if err != nil {
 		return s, err
 	}
+	// What the strategy made resident and huge, before any guest touch.
 	if stats, err := m.Stats(); err == nil {
 		var huge, res uint64
 		for _, r := range stats {
@@ -117,6 +138,21 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 			res += r.Resident
 		}
 		s.huge, s.resident = float64(huge)/float64(size), float64(res)/float64(size)
+	}
+	if touch && vm != nil {
+		if mach, err = guest.New(vm, guest.Config{}); err != nil {
+			return s, fmt.Errorf("guest: %w", err)
+		}
+		if s.guestTouch, err = guestTouch(ctx, mach, m); err != nil {
+			return s, fmt.Errorf("guest touch: %w", err)
+		}
+	}
+	if mach != nil {
+		err := mach.Close()
+		mach = nil
+		if err != nil {
+			return s, err
+		}
 	}
 	if vm != nil {
 		err := vm.Close()
@@ -229,4 +265,29 @@ func memsetJob(size Size, bk Backing, workers int) job {
 		return once, p.close, nil
 	}
 	return j
+}
+
+// guestTouch times a vCPU writing one word into every page of guest RAM,
+// region by region (the program is loaded before the timer starts).
+func guestTouch(ctx context.Context, mach *guest.Machine, m *guestmem.Memory) (time.Duration, error) {
+	entry, err := mach.LoadAsm(guest.FillPages())
+	if err != nil {
+		return 0, err
+	}
+	var d time.Duration
+	for _, r := range m.Regions() {
+		if err := ctx.Err(); err != nil {
+			return d, err
+		}
+		t := time.Now()
+		res, err := mach.Call(entry, kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RBX: 4096}, guest.Handlers{})
+		d += time.Since(t)
+		if err != nil {
+			return d, err
+		}
+		if _, ok := res.Port(guest.PortDone); !ok {
+			return d, errors.New("the guest program did not finish")
+		}
+	}
+	return d, nil
 }
