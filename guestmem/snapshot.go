@@ -10,10 +10,13 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"runtime/debug"
 	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/arena"
 )
 
 // SnapshotVersion is the version of the snapshot format Save writes and
@@ -188,7 +191,9 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 			return SaveStats{}, err
 		}
 	}
-	sw := &snapWriter{w: w, m: m, t: t, ctx: ctx, stats: SaveStats{ID: h.id, Incremental: o.Incremental}}
+	sw := &snapWriter{w: w, m: m, t: t, ctx: ctx, stats: SaveStats{ID: h.id, Incremental: o.Incremental},
+		sums: startChecksummer()}
+	defer sw.sums.stop()
 	err = sw.write(h.marshal())
 	if err == nil {
 		if dirty != nil {
@@ -236,7 +241,7 @@ type snapWriter struct {
 	pending []entry
 	data    uint64 // payload bytes pending
 	batches uint64
-	crcs    []uint32
+	sums    *checksummer
 }
 
 func (sw *snapWriter) write(b []byte) error {
@@ -351,25 +356,91 @@ func (sw *snapWriter) end() error {
 	return sw.write(b)
 }
 
-// crcWriter checksums and writes in pieces small enough to stay in cache
-// between the two, so the payload is read from memory once.
+// crcWriter writes a payload in pieces while a second goroutine checksums
+// each piece as it is written: the two passes over the data run on two CPUs
+// at once, and the piece is small enough that the second read comes from
+// cache.
 type crcWriter struct {
 	w   *snapWriter
 	crc uint32
 }
 
-func (c *crcWriter) Write(b []byte) (int, error) {
-	const piece = 256 << 10
-	done := 0
-	for done < len(b) {
-		p := b[done:min(len(b), done+piece)]
-		c.crc = crc32.Update(c.crc, castagnoli, p)
-		if err := c.w.write(p); err != nil {
-			return done, err
+const crcPiece = 256 << 10
+
+// crcJob asks the checksum goroutine to extend crc over p.
+type crcJob struct {
+	crc uint32
+	p   []byte
+}
+
+// crcResult is the extended checksum, or the address of a memory fault.
+type crcResult struct {
+	crc     uint32
+	fault   uintptr
+	faulted bool
+}
+
+// checksummer runs for the duration of a Save; jobs are answered in order.
+type checksummer struct {
+	jobs    chan crcJob
+	results chan crcResult
+}
+
+func startChecksummer() *checksummer {
+	c := &checksummer{jobs: make(chan crcJob), results: make(chan crcResult, 1)}
+	go func() {
+		for j := range c.jobs {
+			c.results <- checksum(j)
 		}
-		done += len(p)
+	}()
+	return c
+}
+
+func (c *checksummer) stop() { close(c.jobs) }
+
+// checksum reads guest memory: a fault (a truncated backing file) comes
+// back as a result, not a crash.
+func checksum(j crcJob) (r crcResult) {
+	old := debug.SetPanicOnFault(true)
+	defer debug.SetPanicOnFault(old)
+	defer func() {
+		if v := recover(); v != nil {
+			f, ok := v.(interface{ Addr() uintptr })
+			if !ok {
+				panic(v)
+			}
+			r = crcResult{fault: f.Addr(), faulted: true}
+		}
+	}()
+	return crcResult{crc: crc32.Update(j.crc, castagnoli, j.p)}
+}
+
+func (c *crcWriter) Write(b []byte) (n int, err error) {
+	cs := c.w.sums
+	for n < len(b) {
+		p := b[n:min(len(b), n+crcPiece)]
+		cs.jobs <- crcJob{crc: c.crc, p: p}
+		// Wait for the checksum before returning, also when writing p
+		// faults and unwinds this call: p must not be read after it.
+		werr := func() error {
+			defer func() {
+				r := <-cs.results
+				if r.faulted {
+					err = &arena.FaultError{Op: "Save", Addr: r.fault, Err: arena.ErrFault}
+				}
+				c.crc = r.crc
+			}()
+			return c.w.write(p)
+		}()
+		if err != nil {
+			return n, err
+		}
+		if werr != nil {
+			return n, werr
+		}
+		n += len(p)
 	}
-	return done, nil
+	return n, nil
 }
 
 var zeroPage [dirtyPage]byte
@@ -386,8 +457,10 @@ type scanner struct {
 
 func (s *scanner) Write(b []byte) (int, error) {
 	for i := 0; i < len(b); i += dirtyPage {
-		if err := s.sw.ctx.Err(); err != nil && i%(1<<20) == 0 {
-			return i, err
+		if i%(1<<20) == 0 {
+			if err := s.sw.ctx.Err(); err != nil {
+				return i, err
+			}
 		}
 		p := b[i:min(len(b), i+dirtyPage)]
 		kind := uint32(kindData)
