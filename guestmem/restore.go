@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math"
 	"os"
 	"slices"
 	"strconv"
@@ -202,6 +203,9 @@ func (sr *snapReader) sums(entries []entry, got []uint32) error {
 // covers reports whether [a, a+n) lies in guest RAM of the layout, which is
 // valid (sorted or not, no overlaps).
 func (l Layout) covers(a GuestAddress, n uint64) bool {
+	if n > math.MaxUint64-uint64(a) {
+		return false // the range wraps around the address space
+	}
 	sorted := slices.Clone(l)
 	slices.SortFunc(sorted, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
 	pos, end := a, a+GuestAddress(n)

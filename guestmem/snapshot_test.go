@@ -221,6 +221,14 @@ func TestSnapshotCorruption(t *testing.T) {
 	binary.LittleEndian.PutUint64(bad[4096+32:], 12*mib) // first record's address, in the hole
 	binary.LittleEndian.PutUint32(bad[4096+12:], blockCRC(bad[4096:8192], 12))
 	require.ErrorIs(t, restore(bad), guestmem.ErrSnapshotLayout)
+	// A record whose range wraps around the address space: a layout error
+	// for Verify as for Restore, never an access.
+	wrap := bytes.Clone(snap)
+	binary.LittleEndian.PutUint64(wrap[4096+32:], ^uint64(0)-4095)
+	binary.LittleEndian.PutUint32(wrap[4096+12:], blockCRC(wrap[4096:8192], 12))
+	require.ErrorIs(t, restore(wrap), guestmem.ErrSnapshotLayout)
+	_, err := guestmem.Verify(context.Background(), bytes.NewReader(wrap))
+	require.ErrorIs(t, err, guestmem.ErrSnapshotLayout)
 
 	// The VMM expects another memory map: a layout error, no memory.
 	other := guestmem.Layout{{GPA: 0, Size: 8 * mib}}
