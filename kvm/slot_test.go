@@ -528,3 +528,35 @@ func TestSlotTableMatchesModel(t *testing.T) {
 	}
 	t.Logf("operations by expected outcome: %v", counts)
 }
+
+// A slot inserted after a vCPU entered the guest (generation gen) must not
+// turn that run's MMIO exit into a memory fault: KVM may have decided on the
+// exit before the slot existed. tests/TestHotplugWhileGuestRuns hit this.
+func TestSlotGenerationForMMIOClassification(t *testing.T) {
+	vm := testenv.VM(t)
+	host := anon(t, 2*mib)
+	if err := vm.SetSlot(kvm.Slot{ID: 1, GPA: 0, Size: mib, HostAddr: host.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	gen := vm.Generation()
+	if _, ok := vm.SlotAtSince(0x1000, gen); !ok {
+		t.Fatal("a slot present at entry counts")
+	}
+	if err := vm.SetSlot(kvm.Slot{ID: 2, GPA: 4 * mib, Size: mib, HostAddr: host.Addr() + mib}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := vm.SlotAtSince(4*mib, gen); ok {
+		t.Error("a slot added after entry counts")
+	}
+	if _, ok := vm.SlotAtSince(4*mib, vm.Generation()); !ok {
+		t.Error("the added slot does not count for a later run")
+	}
+	// Recreating slot 1 (a host-address change deletes and re-adds it) makes
+	// it new too: the guest saw no memory there for a moment.
+	if err := vm.SetSlot(kvm.Slot{ID: 1, GPA: 0, Size: mib, HostAddr: host.Addr() + mib}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := vm.SlotAtSince(0x1000, gen); ok {
+		t.Error("a recreated slot counts as present at entry")
+	}
+}

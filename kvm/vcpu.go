@@ -338,8 +338,11 @@ func (c *VCPU) Complete() error {
 //     set, and the returned Exit still holds the MMIO exit), except a write
 //     to a ReadOnly slot, which is an ordinary MMIO exit by design.
 //
-// The table is read when the exit arrives: a slot created or deleted while
-// the access was in flight may classify it either way.
+// A slot inserted while the vCPU was in the guest (hot-added, moved, or
+// recreated with other flags) does not count: KVM may have decided on the
+// MMIO exit before the slot existed, so such an exit is returned as an
+// ordinary MMIO exit, and the next access reaches the memory. A slot
+// deleted while the access was in flight gives an ordinary MMIO exit too.
 func (c *VCPU) Run() (Exit, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -347,6 +350,10 @@ func (c *VCPU) Run() (Exit, error) {
 	if err != nil {
 		return Exit{}, err
 	}
+	// An MMIO exit for an address a slot covers is a memory fault only if
+	// the slot was there when the vCPU entered the guest: one added while
+	// it ran (hotplug) may be reached by an exit KVM decided on before.
+	gen := c.vm.generation()
 	for {
 		// The exit reason is only meaningful after some errors (the
 		// kernel leaves it stale after others), so clear it first.
@@ -359,7 +366,7 @@ func (c *VCPU) Run() (Exit, error) {
 	}
 	e, err := decodeExit(c.run, err)
 	if err == nil && e.MMIO != nil {
-		if s, inSlot := c.vm.SlotAt(e.MMIO.Addr); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
+		if s, inSlot := c.vm.slotAtSince(e.MMIO.Addr, gen); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
 			err = &MemoryFaultError{GPA: e.MMIO.Addr, Size: uint64(e.MMIO.Len), Known: true, Write: e.MMIO.Write,
 				MMIO: true, Slot: s.ID}
 		}

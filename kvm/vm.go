@@ -87,6 +87,8 @@ type VM struct {
 	tmu   sync.RWMutex
 	slots map[uint32]Slot // by ID
 	byGPA []Slot          // the same slots, sorted by GPA (they never overlap)
+	gen   uint64          // incremented by every insertion into the table
+	born  map[uint32]uint64
 }
 
 // CreateVM creates a VM. The VM keeps its own reference to the device, so
@@ -180,6 +182,26 @@ func (vm *VM) SlotAt(gpa uint64) (Slot, bool) {
 	return vm.slotAtLocked(gpa)
 }
 
+// generation returns the slot table's generation: a slot inserted later has
+// a higher birth generation.
+func (vm *VM) generation() uint64 {
+	vm.tmu.RLock()
+	defer vm.tmu.RUnlock()
+	return vm.gen
+}
+
+// slotAtSince returns the slot holding gpa if it has been in the table, as
+// it is now, since generation gen.
+func (vm *VM) slotAtSince(gpa, gen uint64) (Slot, bool) {
+	vm.tmu.RLock()
+	defer vm.tmu.RUnlock()
+	s, ok := vm.slotAtLocked(gpa)
+	if !ok || vm.born[s.ID] > gen {
+		return Slot{}, false
+	}
+	return s, true
+}
+
 func (vm *VM) slotAtLocked(gpa uint64) (Slot, bool) {
 	// The first slot ending after gpa is the only one that can hold it.
 	i, _ := slices.BinarySearchFunc(vm.byGPA, gpa, func(s Slot, gpa uint64) int {
@@ -217,6 +239,11 @@ func (vm *VM) insertLocked(s Slot) {
 	defer vm.tmu.Unlock()
 	vm.removeLocked(s.ID)
 	vm.slots[s.ID] = s
+	if vm.born == nil {
+		vm.born = map[uint32]uint64{}
+	}
+	vm.gen++
+	vm.born[s.ID] = vm.gen
 	i, _ := slices.BinarySearchFunc(vm.byGPA, s.GPA, func(o Slot, gpa uint64) int { return cmp.Compare(o.GPA, gpa) })
 	vm.byGPA = slices.Insert(vm.byGPA, i, s)
 }
