@@ -1,6 +1,7 @@
 package guestmem
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -56,7 +57,7 @@ func (h *hotplugSpace) alloc(n, align int64) (int64, bool) {
 
 func (h *hotplugSpace) release(off, n int64) {
 	h.free = append(h.free, fdRange{off, n})
-	slices.SortFunc(h.free, func(a, b fdRange) int { return int(min(max(a.off-b.off, -1), 1)) })
+	slices.SortFunc(h.free, func(a, b fdRange) int { return cmp.Compare(a.off, b.off) })
 	merged := h.free[:1]
 	for _, f := range h.free[1:] {
 		last := &merged[len(merged)-1]

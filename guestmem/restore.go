@@ -1,7 +1,6 @@
 package guestmem
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -113,6 +112,8 @@ func (sr *snapReader) header(top GuestAddress) error {
 	if err := sr.info.Layout.Validate(dirtyPage, top); err != nil {
 		return sr.fail(0, fmt.Errorf("%w: %w", ErrSnapshotLayout, err))
 	}
+	// Sorted once here, so every record's check is a walk, not a sort.
+	slices.SortFunc(sr.info.Layout, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
 	return nil
 }
 
@@ -201,15 +202,13 @@ func (sr *snapReader) sums(entries []entry, got []uint32) error {
 }
 
 // covers reports whether [a, a+n) lies in guest RAM of the layout, which is
-// valid (sorted or not, no overlaps).
+// valid and sorted by address.
 func (l Layout) covers(a GuestAddress, n uint64) bool {
 	if n > math.MaxUint64-uint64(a) {
 		return false // the range wraps around the address space
 	}
-	sorted := slices.Clone(l)
-	slices.SortFunc(sorted, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
 	pos, end := a, a+GuestAddress(n)
-	for _, r := range sorted {
+	for _, r := range l {
 		if pos >= end {
 			break
 		}
@@ -520,7 +519,7 @@ func maxMapCount() int {
 	if err != nil {
 		return 65530
 	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(bytes.TrimSpace(b))))
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
 		return 65530
 	}

@@ -166,6 +166,17 @@ func splitRange(n, granule uint64, parts int) [][2]uint64 {
 // populateDirect populates b with madvise(MADV_POPULATE_WRITE) from workers
 // goroutines, each on one contiguous share of the range.
 func populateDirect(b []byte, granule uint64, workers int) error {
+	return eachShare(b, granule, workers, func(share []byte) error {
+		if err := unix.Madvise(share, unix.MADV_POPULATE_WRITE); err != nil {
+			return fmt.Errorf("madvise(MADV_POPULATE_WRITE): %w", err)
+		}
+		return nil
+	})
+}
+
+// eachShare runs fn on workers contiguous shares of b, split at multiples
+// of granule, one goroutine each, and joins their errors.
+func eachShare(b []byte, granule uint64, workers int, fn func([]byte) error) error {
 	parts := splitRange(uint64(len(b)), granule, workers)
 	errs := make([]error, len(parts))
 	var wg sync.WaitGroup
@@ -173,9 +184,7 @@ func populateDirect(b []byte, granule uint64, workers int) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := unix.Madvise(b[r[0]:r[1]], unix.MADV_POPULATE_WRITE); err != nil {
-				errs[i] = fmt.Errorf("madvise(MADV_POPULATE_WRITE): %w", err)
-			}
+			errs[i] = fn(b[r[0]:r[1]])
 		}()
 	}
 	wg.Wait()
@@ -212,18 +221,7 @@ func touchPages(ctx context.Context, b []byte) (err error) {
 
 // memset clears b with workers goroutines, each on one contiguous share.
 func memset(ctx context.Context, b []byte, workers int) error {
-	parts := splitRange(uint64(len(b)), 2<<20, workers)
-	errs := make([]error, len(parts))
-	var wg sync.WaitGroup
-	for i, r := range parts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = clearChunks(ctx, b[r[0]:r[1]])
-		}()
-	}
-	wg.Wait()
-	return errors.Join(errs...)
+	return eachShare(b, 2<<20, workers, func(share []byte) error { return clearChunks(ctx, share) })
 }
 
 func clearChunks(ctx context.Context, b []byte) (err error) {

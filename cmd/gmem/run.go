@@ -46,7 +46,7 @@ func (c *RunCmd) Run(env *Env) error {
 		return fmt.Errorf("--size %v: must be a multiple of 4 MiB and at least 4 MiB", c.Size)
 	}
 	if err := checkFits(env.Root, c.Size, "--size"); err != nil {
-		return fmt.Errorf("%w", err)
+		return err
 	}
 	// Check KVM before allocating anything: without it, one line that says
 	// what to do.
