@@ -91,12 +91,11 @@ func (a *Arena) ReservationProtection() Protection { return a.reserve }
 // MAP_SHARED unless Private is given; Populate, NoReserve, KeepInCoreDumps and
 // Replace apply. offset, size and fdOffset must be page-aligned (aligned to
 // the huge page size for hugetlbfs and MFD_HUGETLB files). The kernel keeps
-// its own reference to the file, so fd may be closed afterwards.
+// its own reference to the file, so fd may be closed afterwards. An fd that
+// cannot back a mapping is refused as by NewFromFD, before the arena is
+// touched: an error wrapping ErrBadFD and the errno mmap would have returned.
 func (a *Arena) AddFDMapping(offset, size int64, fd int, fdOffset int64, prot Protection, opts ...Option) error {
-	if fd < 0 {
-		return fmt.Errorf("arena: AddFDMapping: fd %d: %w", fd, ErrBadFD)
-	}
-	return a.add("AddFDMapping", offset, size, fd, fdOffset, prot, opts)
+	return a.add("AddFDMapping", offset, size, false, fd, fdOffset, prot, opts)
 }
 
 // AddAnonMapping maps size bytes of fresh anonymous memory at offset in the
@@ -104,17 +103,17 @@ func (a *Arena) AddFDMapping(offset, size int64, fd int, fdOffset int64, prot Pr
 // RemoveRange can free it) unless Private is given; HugeTLB, Populate,
 // NoReserve, KeepInCoreDumps and Replace apply.
 func (a *Arena) AddAnonMapping(offset, size int64, prot Protection, opts ...Option) error {
-	return a.add("AddAnonMapping", offset, size, -1, 0, prot, opts)
+	return a.add("AddAnonMapping", offset, size, true, -1, 0, prot, opts)
 }
 
-func (a *Arena) add(op string, off, size int64, fd int, fdOff int64, prot Protection, opts []Option) error {
+func (a *Arena) add(op string, off, size int64, anon bool, fd int, fdOff int64, prot Protection, opts []Option) error {
 	c := buildConfig(opts)
 	if c.protSet || c.align != 0 {
 		return fmt.Errorf("arena: %s: WithProtection and Align do not apply (protection is an argument, the offset fixes the address): %w",
 			op, ErrBadOption)
 	}
 	c.prot = prot
-	e, err := newEntry(op, off, size, fd, fdOff, c)
+	e, err := newEntry(op, off, size, anon, fd, fdOff, c)
 	if err != nil {
 		return err
 	}

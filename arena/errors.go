@@ -35,8 +35,11 @@ var (
 	// ErrNotMapped is returned when a range that must be mapped covers
 	// reserved (unmapped) arena memory.
 	ErrNotMapped = errors.New("arena: range is not mapped")
-	// ErrBadFD is returned for a file descriptor that is closed, invalid, or
-	// refers to something that cannot be memory-mapped.
+	// ErrBadFD is returned for a file descriptor that is negative, closed,
+	// O_PATH, refers to something that cannot be memory-mapped (a pipe,
+	// socket or directory), or was opened with an access mode the mapping
+	// cannot have. Such fds are refused before anything is mapped, and the
+	// error also wraps the errno mmap would have returned.
 	ErrBadFD = errors.New("arena: bad file descriptor")
 	// ErrBadProtection is returned for protection bits other than
 	// ProtRead, ProtWrite and ProtExec.

@@ -33,21 +33,25 @@ type Mapping struct {
 // shmem, as in crosvm) unless Private is given, read-write unless
 // WithProtection says otherwise, and MADV_DONTDUMP unless KeepInCoreDumps.
 func NewAnon(size int64, opts ...Option) (*Mapping, error) {
-	return newMapping("NewAnon", -1, 0, size, buildConfig(opts))
+	return newMapping("NewAnon", true, -1, 0, size, buildConfig(opts))
 }
 
 // NewFromFD maps size bytes of fd starting at fdOffset: crosvm's from_fd,
 // from_fd_offset and from_fd_offset_protection(_populate). The kernel keeps
-// its own reference to the file, so fd may be closed after the call.
+// its own reference to the file, so fd may be closed after the call. An fd
+// that cannot back a mapping (negative, closed, O_PATH, a pipe, socket or
+// directory, or opened with an access mode the mapping cannot have) is
+// refused before anything is mapped, with an error wrapping ErrBadFD and the
+// errno mmap would have returned (EBADF, ENODEV or EACCES).
 func NewFromFD(fd int, fdOffset, size int64, opts ...Option) (*Mapping, error) {
-	return newMapping("NewFromFD", fd, fdOffset, size, buildConfig(opts))
+	return newMapping("NewFromFD", false, fd, fdOffset, size, buildConfig(opts))
 }
 
-func newMapping(op string, fd int, fdOff, size int64, c config) (*Mapping, error) {
+func newMapping(op string, anon bool, fd int, fdOff, size int64, c config) (*Mapping, error) {
 	if c.replace {
 		return nil, fmt.Errorf("arena: %s: Replace applies only to Arena.Add*: %w", op, ErrBadOption)
 	}
-	e, err := newEntry(op, 0, size, fd, fdOff, c)
+	e, err := newEntry(op, 0, size, anon, fd, fdOff, c)
 	if err != nil {
 		return nil, err
 	}
@@ -71,9 +75,12 @@ func newMapping(op string, fd int, fdOff, size int64, c config) (*Mapping, error
 	return m, nil
 }
 
-// newEntry validates a mapping request and describes it.
-func newEntry(op string, off, size int64, fd int, fdOff int64, c config) (entry, error) {
-	e := entry{off: off, size: size, prot: c.prot, shared: !c.private, anon: fd < 0,
+// newEntry validates a mapping request and describes it. anon says whether
+// the request is for anonymous memory; it is never inferred from fd, so an
+// fd-taking entry point handed a negative fd cannot end up mapping anonymous
+// memory.
+func newEntry(op string, off, size int64, anon bool, fd int, fdOff int64, c config) (entry, error) {
+	e := entry{off: off, size: size, prot: c.prot, shared: !c.private, anon: anon,
 		pageSize: pageSize, fd: fd, fdOff: fdOff}
 	if !c.prot.valid() {
 		return e, fmt.Errorf("arena: %s: protection %#x: %w", op, int(c.prot), ErrBadProtection)
@@ -86,17 +93,11 @@ func newEntry(op string, off, size int64, fd int, fdOff int64, c config) (entry,
 		e.pageSize = c.hugetlb
 	}
 	if !e.anon {
-		if fd < 0 {
-			return e, fmt.Errorf("arena: %s: fd %d: %w", op, fd, ErrBadFD)
-		}
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err != nil {
-			return e, fmt.Errorf("arena: %s: fd %d: %w: %w", op, fd, ErrBadFD, err)
-		}
-		e.dev, e.ino = st.Dev, st.Ino
-		if err := checkFDAccess(fd, e.shared, c.prot); err != nil {
+		st, err := checkFD(fd, e.shared, c.prot)
+		if err != nil {
 			return e, fmt.Errorf("arena: %s: fd %d: %w", op, fd, err)
 		}
+		e.dev, e.ino = st.Dev, st.Ino
 		var fs unix.Statfs_t
 		if unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.HUGETLBFS_MAGIC {
 			e.pageSize = int64(st.Blksize)
@@ -110,21 +111,45 @@ func newEntry(op string, off, size int64, fd int, fdOff int64, c config) (entry,
 	return e, nil
 }
 
-// checkFDAccess rejects an fd whose open mode cannot give the mapping asked
-// for, before mmap fails with a bare EACCES: every mapping needs read access,
-// and a shared writable one needs the fd open for writing too.
-func checkFDAccess(fd int, shared bool, prot Protection) error {
+// checkFD refuses, before mmap is tried, an fd that cannot give the mapping
+// asked for, and returns its fstat. Each refusal wraps ErrBadFD and the errno
+// mmap would have answered: EBADF for a negative, closed or O_PATH fd, ENODEV
+// for a pipe, socket or directory, and EACCES for an open mode that does not
+// allow the mapping (every mapping needs read access, and a shared writable
+// one needs the fd open for writing too).
+func checkFD(fd int, shared bool, prot Protection) (unix.Stat_t, error) {
+	var st unix.Stat_t
+	if fd < 0 {
+		return st, fmt.Errorf("%w: a negative fd is never open: %w", ErrBadFD, unix.EBADF)
+	}
+	if err := unix.Fstat(fd, &st); err != nil {
+		return st, fmt.Errorf("%w: %w", ErrBadFD, os.NewSyscallError("fstat", err))
+	}
+	kind := ""
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFIFO:
+		kind = "pipe"
+	case unix.S_IFSOCK:
+		kind = "socket"
+	case unix.S_IFDIR:
+		kind = "directory"
+	}
+	if kind != "" {
+		return st, fmt.Errorf("%w: a %s cannot be memory-mapped: %w", ErrBadFD, kind, unix.ENODEV)
+	}
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrBadFD, os.NewSyscallError("fcntl", err))
+		return st, fmt.Errorf("%w: %w", ErrBadFD, os.NewSyscallError("fcntl", err))
 	}
 	switch mode := fl & unix.O_ACCMODE; {
+	case fl&unix.O_PATH != 0:
+		return st, fmt.Errorf("%w: opened with O_PATH, which cannot be memory-mapped: %w", ErrBadFD, unix.EBADF)
 	case mode == unix.O_WRONLY:
-		return fmt.Errorf("%w: open write-only; mapping needs read access", ErrBadFD)
+		return st, fmt.Errorf("%w: open write-only; mapping needs read access: %w", ErrBadFD, unix.EACCES)
 	case mode == unix.O_RDONLY && shared && prot&ProtWrite != 0:
-		return fmt.Errorf("%w: open read-only; a shared writable mapping needs O_RDWR", ErrBadFD)
+		return st, fmt.Errorf("%w: open read-only; a shared writable mapping needs O_RDWR: %w", ErrBadFD, unix.EACCES)
 	}
-	return nil
+	return st, nil
 }
 
 func checkNewRange(op string, off, size, fdOff, granule int64) error {
