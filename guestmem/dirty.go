@@ -50,6 +50,18 @@ func (t *table) markDirty(pc piece, n int64) {
 	r.dirty.mark(start/dirtyPage, (start+uint64(n)-1)/dirtyPage)
 }
 
+// remark puts the pages of d back into the host-side dirty bitmaps of t,
+// after a collection whose consumer failed. The caller holds t and m.wmu.
+func (t *table) remark(d *DirtySet) {
+	for s := range d.Ranges() {
+		if ps, err := t.resolve("Save", s.GPA, s.Size); err == nil {
+			for _, pc := range ps {
+				t.markDirty(pc, pc.n)
+			}
+		}
+	}
+}
+
 // MarkDirty records that [a, a+n) was written behind guestmem's back (through
 // Slice or HostAddress). Outside dirty tracking it checks the range only.
 func (m *Memory) MarkDirty(a GuestAddress, n uint64) error {

@@ -16,7 +16,11 @@ import (
 	"github.com/gmem-vmm/gmem/arena"
 )
 
-// SnapshotInfo describes a snapshot stream.
+// SnapshotInfo describes a snapshot stream. For a stream holding a chain (a
+// snapshot followed by the increments appended to it), ID is the last
+// snapshot's (the base an increment on the chain names), Base and
+// Incremental the first one's, Layout the chain's, and the counts are the
+// sums over Parts.
 type SnapshotInfo struct {
 	ID          [16]byte
 	Base        [16]byte // the snapshot an incremental one applies on
@@ -26,13 +30,21 @@ type SnapshotInfo struct {
 	DataBytes   uint64 // guest bytes held as data
 	ZeroBytes   uint64 // guest bytes recorded as zero
 	Bytes       int64  // length of the stream
+	// Parts describes each snapshot of the stream in order, the first at
+	// byte 0 and each later one right after its predecessor's end block
+	// (Verify only; the Parts of a part are nil).
+	Parts []SnapshotInfo
 }
 
-// snapReader parses one snapshot stream.
+// snapReader parses a snapshot stream: one snapshot, or a chain of them (a
+// snapshot followed by increments appended to the same writer). The per-
+// snapshot fields are reset by nextPart; off runs on across the stream.
 type snapReader struct {
 	r       io.Reader
-	index   int   // position in the chain
-	off     int64 // bytes consumed
+	stream  int   // which reader of a Restore
+	index   int   // position of the current snapshot in the chain
+	off     int64 // bytes consumed from the stream
+	start   int64 // stream offset of the current snapshot's header
 	info    SnapshotInfo
 	batches uint64
 	next    GuestAddress // records must increase
@@ -40,7 +52,7 @@ type snapReader struct {
 }
 
 func (sr *snapReader) fail(at int64, err error) error {
-	return &SnapshotError{Index: sr.index, Offset: at, Err: err}
+	return &SnapshotError{Stream: sr.stream, Index: sr.index, Offset: at, Err: err}
 }
 
 // readFull reads exactly len(b) bytes; a short stream is ErrSnapshotTruncated.
@@ -71,22 +83,54 @@ func (sr *snapReader) skip(n int64) error {
 	return err
 }
 
+// nextPart reads the header of the stream's next snapshot. The first call needs
+// one (an empty stream is truncated); a later call, made after an end block,
+// returns false at the end of the stream, and anything there but another
+// snapshot's header — a few stray bytes, or a block of something else — is
+// ErrSnapshotFormat: data after an end block is never ignored.
+func (sr *snapReader) nextPart(top GuestAddress) (bool, error) {
+	b := sr.block[:]
+	first := sr.off == 0
+	sr.start = sr.off
+	if first {
+		if err := sr.readFull(b); err != nil {
+			return false, err
+		}
+	} else {
+		n, err := io.ReadFull(sr.r, b)
+		sr.off += int64(n)
+		switch {
+		case n == 0 && errors.Is(err, io.EOF):
+			return false, nil
+		case n < len(b) && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)):
+			return false, sr.fail(sr.start, fmt.Errorf("%w: %d stray bytes after the end block", ErrSnapshotFormat, n))
+		case err != nil:
+			return false, err
+		case string(b[:8]) != snapMagic:
+			return false, sr.fail(sr.start, fmt.Errorf("%w: data after the end block is not a snapshot",
+				ErrSnapshotFormat))
+		}
+		sr.index++
+	}
+	sr.info, sr.batches, sr.next = SnapshotInfo{}, 0, 0
+	return true, sr.header(top)
+}
+
+// header parses the header whose first block is in sr.block.
 func (sr *snapReader) header(top GuestAddress) error {
 	b := sr.block[:]
-	if err := sr.readFull(b); err != nil {
-		return err
-	}
+	at := sr.start
 	le := binary.LittleEndian
 	if string(b[:8]) != snapMagic {
-		return sr.fail(0, fmt.Errorf("%w: no snapshot magic", ErrSnapshotFormat))
+		return sr.fail(at, fmt.Errorf("%w: no snapshot magic", ErrSnapshotFormat))
 	}
 	if v := le.Uint32(b[8:]); v != SnapshotVersion {
-		return sr.fail(0, fmt.Errorf("%w: version %d, this package reads %d", ErrSnapshotVersion, v, SnapshotVersion))
+		return sr.fail(at, fmt.Errorf("%w: version %d, this package reads %d", ErrSnapshotVersion, v, SnapshotVersion))
 	}
 	flags, page, n, size := le.Uint32(b[12:]), le.Uint32(b[16:]), le.Uint32(b[20:]), le.Uint32(b[24:])
 	if flags&^flagIncrement != 0 || page != dirtyPage || n == 0 || n > maxSnapRegions ||
 		uint64(size) != alignUp(uint64(headerFixed)+uint64(n)*regionRecord, blockSize) {
-		return sr.fail(0, fmt.Errorf("%w: header fields (flags %#x, page %d, %d regions, %d bytes)",
+		return sr.fail(at, fmt.Errorf("%w: header fields (flags %#x, page %d, %d regions, %d bytes)",
 			ErrSnapshotFormat, flags, page, n, size))
 	}
 	hdr := make([]byte, size)
@@ -95,7 +139,7 @@ func (sr *snapReader) header(top GuestAddress) error {
 		return err
 	}
 	if got, want := blockCRC(hdr, 28), le.Uint32(hdr[28:]); got != want {
-		return sr.fail(0, fmt.Errorf("%w: header crc %#x, stored %#x", ErrSnapshotChecksum, got, want))
+		return sr.fail(at, fmt.Errorf("%w: header crc %#x, stored %#x", ErrSnapshotChecksum, got, want))
 	}
 	sr.info.Incremental = flags&flagIncrement != 0
 	copy(sr.info.ID[:], hdr[32:48])
@@ -104,13 +148,13 @@ func (sr *snapReader) header(top GuestAddress) error {
 		o := headerFixed + i*regionRecord
 		fl := le.Uint64(hdr[o+16:])
 		if fl&^regionReadOnly != 0 {
-			return sr.fail(0, fmt.Errorf("%w: region %d flags %#x", ErrSnapshotFormat, i, fl))
+			return sr.fail(at, fmt.Errorf("%w: region %d flags %#x", ErrSnapshotFormat, i, fl))
 		}
 		sr.info.Layout = append(sr.info.Layout, RegionSpec{GPA: GuestAddress(le.Uint64(hdr[o:])),
 			Size: le.Uint64(hdr[o+8:]), ReadOnly: fl&regionReadOnly != 0})
 	}
 	if err := sr.info.Layout.Validate(dirtyPage, top); err != nil {
-		return sr.fail(0, fmt.Errorf("%w: %w", ErrSnapshotLayout, err))
+		return sr.fail(at, fmt.Errorf("%w: %w", ErrSnapshotLayout, err))
 	}
 	// Sorted once here, so every record's check is a walk, not a sort.
 	slices.SortFunc(sr.info.Layout, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
@@ -135,7 +179,7 @@ func (sr *snapReader) batch() ([]entry, error) {
 				"from the stream's (%d, %d, %d)", ErrSnapshotFormat, le.Uint64(b[16:]), le.Uint64(b[24:]),
 				le.Uint64(b[32:]), sr.batches, sr.info.Records, sr.info.DataBytes))
 		}
-		sr.info.Bytes = sr.off
+		sr.info.Bytes = sr.off - sr.start
 		return nil, nil
 	case indexMagic:
 	default:
@@ -236,7 +280,7 @@ func (c *config) expectLayout(sr *snapReader) error {
 	want := slices.Clone(c.expect)
 	slices.SortFunc(want, func(x, y RegionSpec) int { return cmpAddr(x.GPA, y.GPA) })
 	if !slices.Equal(want, sr.info.Layout) {
-		return sr.fail(0, fmt.Errorf("%w: the snapshot has %v, the caller expects %v", ErrSnapshotLayout,
+		return sr.fail(sr.start, fmt.Errorf("%w: the snapshot has %v, the caller expects %v", ErrSnapshotLayout,
 			sr.info.Layout, want))
 	}
 	return nil
@@ -246,26 +290,29 @@ func (c *config) expectLayout(sr *snapReader) error {
 func chainCheck(i int, prev *SnapshotInfo, cur *snapReader) error {
 	switch {
 	case i == 0 && cur.info.Incremental:
-		return cur.fail(0, fmt.Errorf("%w: the first snapshot is incremental; restore its base first", ErrSnapshotChain))
+		return cur.fail(cur.start, fmt.Errorf("%w: the first snapshot is incremental; restore its base first", ErrSnapshotChain))
 	case i > 0 && !cur.info.Incremental:
-		return cur.fail(0, fmt.Errorf("%w: snapshot %d is a full snapshot, not an increment", ErrSnapshotChain, i))
+		return cur.fail(cur.start, fmt.Errorf("%w: snapshot %d is a full snapshot, not an increment", ErrSnapshotChain, i))
 	case i > 0 && cur.info.Base != prev.ID:
-		return cur.fail(0, fmt.Errorf("%w: snapshot %d was taken on base %x, not on %x", ErrSnapshotChain, i,
+		return cur.fail(cur.start, fmt.Errorf("%w: snapshot %d was taken on base %x, not on %x", ErrSnapshotChain, i,
 			cur.info.Base[:4], prev.ID[:4]))
 	case i > 0 && !slices.Equal(cur.info.Layout, prev.Layout):
-		return cur.fail(0, fmt.Errorf("%w: snapshot %d's layout differs from its base's", ErrSnapshotLayout, i))
+		return cur.fail(cur.start, fmt.Errorf("%w: snapshot %d's layout differs from its base's", ErrSnapshotLayout, i))
 	}
 	return nil
 }
 
-// Restore builds new guest memory from a snapshot stream and any increments
-// taken on it, in order, eagerly: every saved page is read into memory and
-// checked against its checksum. opts choose the backing (and the rest) as
-// for New; the layout comes from the snapshot. A malformed, truncated,
-// corrupt or unknown-version stream, a record outside the layout, or an
-// increment that does not follow its predecessor is a *SnapshotError, and
-// then no Memory is returned: nothing half-restored escapes. The readers
-// are only read.
+// Restore builds new guest memory from a snapshot and the increments taken
+// on it, in order, eagerly: every saved page is read into memory and checked
+// against its checksum. Each stream may hold one snapshot or several (a
+// snapshot followed by increments that later Saves appended to the same
+// writer); the chain runs on across the streams, and every snapshot in it is
+// applied. opts choose the backing (and the rest) as for New; the layout
+// comes from the snapshot. A malformed, truncated, corrupt or unknown-version
+// stream, bytes after an end block that are not a further snapshot, a
+// record outside the layout, or an increment that does not follow its
+// predecessor is a *SnapshotError, and then no Memory is returned: nothing
+// half-restored escapes. The readers are only read.
 func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory, error) {
 	if len(streams) == 0 {
 		return nil, fmt.Errorf("guestmem: Restore: no snapshot: %w", ErrBadOption)
@@ -276,28 +323,44 @@ func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory,
 	}
 	var m *Memory
 	var prev *SnapshotInfo
-	for i, r := range streams {
-		sr := &snapReader{r: r, index: i}
-		err := sr.header(c.top)
-		if err == nil {
-			err = chainCheck(i, prev, sr)
-		}
-		if err == nil {
-			err = c.expectLayout(sr)
-		}
-		if err == nil && m == nil {
-			m, err = New(sr.info.Layout, opts...)
-		}
-		if err == nil {
-			err = m.apply(ctx, sr)
-		}
-		if err != nil {
-			if m != nil {
-				err = errors.Join(err, m.Close())
+	index := 0
+	err := func() error {
+		for i, r := range streams {
+			sr := &snapReader{r: r, stream: i, index: index}
+			for {
+				more, err := sr.nextPart(c.top)
+				if err != nil {
+					return err
+				}
+				if !more {
+					break
+				}
+				if err := chainCheck(sr.index, prev, sr); err != nil {
+					return err
+				}
+				if err := c.expectLayout(sr); err != nil {
+					return err
+				}
+				if m == nil {
+					if m, err = New(sr.info.Layout, opts...); err != nil {
+						return err
+					}
+				}
+				if err := m.apply(ctx, sr); err != nil {
+					return err
+				}
+				info := sr.info
+				prev = &info
 			}
-			return nil, fmt.Errorf("guestmem: Restore: %w", err)
+			index = sr.index + 1
 		}
-		prev = &sr.info
+		return nil
+	}()
+	if err != nil {
+		if m != nil {
+			err = errors.Join(err, m.Close())
+		}
+		return nil, fmt.Errorf("guestmem: Restore: %w", err)
 	}
 	m.snap = snapState{id: prev.ID, layout: prev.Layout}
 	return m, nil
@@ -359,23 +422,53 @@ func (m *Memory) zero(a GuestAddress, n uint64) error {
 }
 
 // Verify reads a snapshot stream to its end, checking its structure and
-// every checksum, without building guest memory, and describes it.
+// every checksum, without building guest memory, and describes it. A stream
+// holding a chain (a snapshot followed by increments appended to the same
+// writer) is checked whole, each increment against its predecessor; Parts
+// then describes each snapshot, and the other fields the chain (see
+// SnapshotInfo).
 func Verify(ctx context.Context, r io.Reader) (SnapshotInfo, error) {
 	sr := &snapReader{r: r}
-	if err := sr.header(MaxGuestAddress); err != nil {
-		return SnapshotInfo{}, err
-	}
+	var all SnapshotInfo
 	crcs := make([]uint32, maxEntries)
 	for {
-		if err := ctx.Err(); err != nil {
-			return SnapshotInfo{}, err
-		}
-		entries, err := sr.batch()
+		more, err := sr.nextPart(MaxGuestAddress)
 		if err != nil {
 			return SnapshotInfo{}, err
 		}
-		if entries == nil {
-			return sr.info, nil
+		if !more {
+			break
+		}
+		if k := len(all.Parts); k > 0 {
+			if err := chainCheck(sr.index, &all.Parts[k-1], sr); err != nil {
+				return SnapshotInfo{}, err
+			}
+		}
+		if err := sr.verifyPart(ctx, crcs); err != nil {
+			return SnapshotInfo{}, err
+		}
+		all.Parts = append(all.Parts, sr.info)
+	}
+	first, last := all.Parts[0], all.Parts[len(all.Parts)-1]
+	all.ID, all.Base, all.Incremental, all.Layout = last.ID, first.Base, first.Incremental, last.Layout
+	for _, p := range all.Parts {
+		all.Records += p.Records
+		all.DataBytes += p.DataBytes
+		all.ZeroBytes += p.ZeroBytes
+		all.Bytes += p.Bytes
+	}
+	return all, nil
+}
+
+// verifyPart checks the batches of the current snapshot through its end block.
+func (sr *snapReader) verifyPart(ctx context.Context, crcs []uint32) error {
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		entries, err := sr.batch()
+		if err != nil || entries == nil {
+			return err
 		}
 		for i, e := range entries {
 			if e.kind != kindData {
@@ -385,16 +478,16 @@ func Verify(ctx context.Context, r io.Reader) (SnapshotInfo, error) {
 			k, err := io.CopyN(h, sr.r, int64(e.n))
 			sr.off += k
 			if errors.Is(err, io.EOF) {
-				return SnapshotInfo{}, sr.fail(sr.off, fmt.Errorf("%w: stream ends inside the data of [%v, +%#x)",
+				return sr.fail(sr.off, fmt.Errorf("%w: stream ends inside the data of [%v, +%#x)",
 					ErrSnapshotTruncated, e.gpa, e.n))
 			}
 			if err != nil {
-				return SnapshotInfo{}, err
+				return err
 			}
 			crcs[i] = h.Sum32()
 		}
 		if err := sr.sums(entries, crcs[:len(entries)]); err != nil {
-			return SnapshotInfo{}, err
+			return err
 		}
 	}
 }
@@ -428,50 +521,54 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	}
 	var plans []plan
 	var prev *SnapshotInfo
-	mappings := 0
+	mappings, index := 0, 0
 	for i, f := range files {
 		st, err := f.Stat()
 		if err != nil {
 			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
 		}
-		sr := &snapReader{r: io.NewSectionReader(f, 0, st.Size()), index: i}
-		err = sr.header(c.top)
-		if err == nil {
-			err = chainCheck(i, prev, sr)
-		}
-		if err == nil {
-			err = c.expectLayout(sr)
-		}
+		sr := &snapReader{r: io.NewSectionReader(f, 0, st.Size()), stream: i, index: index}
 		var all []entry
 		for err == nil {
-			if err = ctx.Err(); err != nil {
+			var more bool
+			if more, err = sr.nextPart(c.top); err != nil || !more {
 				break
 			}
-			var entries []entry
-			entries, err = sr.batch()
-			if err != nil || entries == nil {
-				break
+			if err = chainCheck(sr.index, prev, sr); err == nil {
+				err = c.expectLayout(sr)
 			}
-			var data int64
-			for _, e := range entries {
-				if e.kind == kindData {
-					data += int64(e.n)
+			for err == nil {
+				if err = ctx.Err(); err != nil {
+					break
 				}
+				var entries []entry
+				entries, err = sr.batch()
+				if err != nil || entries == nil {
+					break
+				}
+				var data int64
+				for _, e := range entries {
+					if e.kind == kindData {
+						data += int64(e.n)
+					}
+				}
+				if err = sr.skip(data); err == nil {
+					err = sr.sums(entries, nil)
+				}
+				all = append(all, entries...)
 			}
-			if err = sr.skip(data); err == nil {
-				err = sr.sums(entries, nil)
+			if err == nil && sr.off > st.Size() {
+				err = sr.fail(st.Size(), fmt.Errorf("%w: file has %d bytes", ErrSnapshotTruncated, st.Size()))
 			}
-			all = append(all, entries...)
-		}
-		if err == nil && sr.info.Bytes > st.Size() {
-			err = sr.fail(st.Size(), fmt.Errorf("%w: file has %d bytes", ErrSnapshotTruncated, st.Size()))
+			info := sr.info
+			prev = &info
 		}
 		if err != nil {
 			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
 		}
+		index = sr.index + 1
 		mappings += len(all)
 		plans = append(plans, plan{f: f, entries: all})
-		prev = &sr.info
 	}
 	if limit := maxMapCount(); mappings > limit/2 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: the snapshots hold %d records, each a memory area, and "+

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // SnapshotVersion is the version of the snapshot format Save writes and
@@ -48,13 +49,14 @@ var (
 
 // SnapshotError reports a problem with a snapshot stream.
 type SnapshotError struct {
-	Index  int   // which stream of a chain (0: the base)
+	Stream int   // which reader (or file) of the call, from 0
+	Index  int   // which snapshot of the chain (0: the base), counted across streams
 	Offset int64 // byte offset in that stream of the block at fault
 	Err    error // a sentinel, possibly wrapping detail
 }
 
 func (e *SnapshotError) Error() string {
-	return fmt.Sprintf("guestmem: snapshot %d at byte %d: %v", e.Index, e.Offset, e.Err)
+	return fmt.Sprintf("guestmem: snapshot %d (stream %d) at byte %d: %v", e.Index, e.Stream, e.Offset, e.Err)
 }
 
 // Unwrap returns the cause.
@@ -149,12 +151,15 @@ type SaveStats struct {
 
 // Save streams guest memory to w in the snapshot format (docs/guestmem.md):
 // the layout, then only populated, non-zero data — holes are skipped with
-// SEEK_DATA/SEEK_HOLE on memfd backings and mincore on anonymous memory, and
+// SEEK_DATA/SEEK_HOLE on memfd backings and pagemap on anonymous memory
+// (pages in swap included), and
 // all-zero pages are not written — in checksummed batches. With
 // o.Incremental it writes only pages dirtied since the previous Save. The
 // vCPUs must be paused (no guest writes) while it runs; a full Save with
-// dirty tracking on resets the dirty set, starting the next increment. On
-// error the dirty pages of an incremental Save are kept for the next try.
+// dirty tracking on resets the dirty set, starting the next increment. A
+// Save that fails (the writer's error, a cancelled ctx) leaves the dirty set
+// as it found it: the previous snapshot stays the base of the next
+// increment, which still holds every page written since.
 func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStats, error) {
 	start := time.Now()
 	m.wmu.Lock()
@@ -171,6 +176,10 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 	if _, err := rand.Read(h.id[:]); err != nil {
 		return SaveStats{}, fmt.Errorf("guestmem: Save: %w", err)
 	}
+	// dirty is what this Save takes out of the dirty set: the pages an
+	// increment writes, or (a full Save) the pages the next increment need
+	// no longer write. A failed Save puts it back, so the dirty state is as
+	// if it had not been tried and the last good snapshot stays a base.
 	var dirty *DirtySet
 	if o.Incremental {
 		switch {
@@ -187,7 +196,7 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 			return SaveStats{}, err
 		}
 	} else if m.tracking {
-		if _, err := m.collectLocked("Save"); err != nil { // this Save starts the next increment
+		if dirty, err = m.collectLocked("Save"); err != nil { // this Save starts the next increment
 			return SaveStats{}, err
 		}
 	}
@@ -196,7 +205,7 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 	defer sw.sums.stop()
 	err = sw.write(h.marshal())
 	if err == nil {
-		if dirty != nil {
+		if o.Incremental {
 			err = sw.saveDirty(dirty)
 		} else {
 			err = sw.saveFull()
@@ -209,14 +218,8 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 		err = sw.end()
 	}
 	if err != nil {
-		if dirty != nil { // keep the increment for the next try
-			for s := range dirty.Ranges() {
-				if ps, rerr := t.resolve("Save", s.GPA, s.Size); rerr == nil {
-					for _, pc := range ps {
-						t.markDirty(pc, pc.n)
-					}
-				}
-			}
+		if dirty != nil {
+			t.remark(dirty)
 		}
 		return sw.stats, fmt.Errorf("guestmem: Save: %w", err)
 	}
@@ -545,8 +548,33 @@ func (sw *snapWriter) saveFull() error {
 	return nil
 }
 
+// populatedRuns appends to out the runs of pages that hold data (in RAM or
+// in swap) among entries, the pagemap entries of the pages of ps bytes from
+// offset off, merging a run with the last one where they touch.
+func populatedRuns(entries []uint64, off, ps int64, out []fdRange) []fdRange {
+	for i := 0; i < len(entries); {
+		if !procfs.Populated(entries[i]) {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < len(entries) && procfs.Populated(entries[j]) {
+			j++
+		}
+		p := off + int64(i)*ps
+		if k := len(out); k > 0 && out[k-1].off+out[k-1].n == p {
+			out[k-1].n += int64(j-i) * ps
+		} else {
+			out = append(out, fdRange{off: p, n: int64(j-i) * ps})
+		}
+		i = j
+	}
+	return out
+}
+
 // populated returns the parts of r (offsets within it) that may hold data:
-// SEEK_DATA/SEEK_HOLE on a memfd, mincore on anonymous memory, and all of
+// SEEK_DATA/SEEK_HOLE on a memfd (shmem counts swapped pages as data),
+// pagemap's present and swapped bits on anonymous memory, and all of
 // it for private file mappings (whose unread pages are data in the file).
 func (m *Memory) populated(r Region) ([]fdRange, error) {
 	switch {
@@ -571,31 +599,23 @@ func (m *Memory) populated(r Region) ([]fdRange, error) {
 		}
 		return out, nil
 	case m.backing == Anonymous && !m.overlay:
+		// pagemap, not mincore: mincore does not report pages in swap, and
+		// a scan built on it would save swapped-out guest pages as zeros.
+		pm, err := procfs.OpenPagemap()
+		if err != nil {
+			return nil, err
+		}
+		defer pm.Close()
+		const window = 64 << 10 // pages per read: 512 KiB of entries
+		ps := int64(os.Getpagesize())
+		entries := make([]uint64, min(window, int64(r.Size)/ps))
 		var out []fdRange
-		const window = 256 << 20
-		for off := int64(0); off < int64(r.Size); off += window {
-			n := min(window, int64(r.Size)-off)
-			res, err := r.host.Resident(r.ArenaOffset+off, n)
-			if err != nil {
+		for off := int64(0); off < int64(r.Size); off += int64(len(entries)) * ps {
+			e := entries[:min(int64(len(entries)), (int64(r.Size)-off)/ps)]
+			if err := pm.Read(r.HostAddr+uintptr(off), int(ps), e); err != nil {
 				return nil, err
 			}
-			for i := 0; i < len(res); {
-				if !res[i] {
-					i++
-					continue
-				}
-				j := i
-				for j < len(res) && res[j] {
-					j++
-				}
-				p := off + int64(i)*dirtyPage
-				if k := len(out); k > 0 && out[k-1].off+out[k-1].n == p {
-					out[k-1].n += int64(j-i) * dirtyPage
-				} else {
-					out = append(out, fdRange{off: p, n: int64(j-i) * dirtyPage})
-				}
-				i = j
-			}
+			out = populatedRuns(e, off, ps, out)
 		}
 		return out, nil
 	}
