@@ -258,16 +258,56 @@ func TestPolicy(t *testing.T) {
 	require.Positive(t, st[0].Locked)
 	require.Positive(t, st[1].Locked)
 	require.Zero(t, st[2].Locked)
-	require.ErrorIs(t, m.DropPageCache(), arena.ErrLocked)
 	require.NoError(t, m.Unlock())
-	require.NoError(t, m.DropPageCache())
-	v, err := m.ReadUint64(0)
-	require.NoError(t, err)
-	require.Zero(t, v, "dropped private memory reads zeros")
 
 	require.NoError(t, m.SetHugepages(false, guestmem.Span{GPA: 16 * mib, Size: 2 * mib}))
 	require.Contains(t, smapsFlags(t, m.Regions()[2].HostAddr), "nh")
 	require.NoError(t, m.Prefetch())
+}
+
+// DropPageCache never loses guest data: on a shared memfd the data stays in
+// the fd (only this process's mapping of it is dropped); on private memory,
+// where dropping would zero the guest's pages, it is refused, whole guest or
+// span alike, and nothing is dropped.
+func TestDropPageCacheKeepsGuestData(t *testing.T) {
+	shared := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	require.NoError(t, shared.WriteUint64(0, 0xfeed))
+	require.NoError(t, shared.WriteUint64(16*mib, 0xbeef))
+	require.NoError(t, shared.LockOnFault(guestmem.Span{GPA: 0, Size: 2 * mib}))
+	require.ErrorIs(t, shared.DropPageCache(), arena.ErrLocked)
+	require.NoError(t, shared.Unlock())
+	before, err := shared.Stats()
+	require.NoError(t, err)
+	require.Positive(t, before[0].Resident)
+	require.NoError(t, shared.DropPageCache())
+	after, err := shared.Stats()
+	require.NoError(t, err)
+	require.Zero(t, after[0].Resident, "the mapping's pages are dropped (smaps Rss)")
+	v, err := shared.ReadUint64(0)
+	require.NoError(t, err)
+	require.Equal(t, uint64(0xfeed), v, "the memfd keeps the data")
+	v, err = shared.ReadUint64(16 * mib)
+	require.NoError(t, err)
+	require.Equal(t, uint64(0xbeef), v)
+
+	private := newMemory(t, twoRegions)
+	require.NoError(t, private.WriteUint64(0, 0xfeed))
+	require.NoError(t, private.StartDirtyTracking())
+	for _, spans := range [][]guestmem.Span{nil, {{GPA: 0, Size: 2 * mib}}} {
+		err := private.DropPageCache(spans...)
+		require.ErrorIs(t, err, guestmem.ErrDataLoss, "spans %v", spans)
+		require.Contains(t, err.Error(), "Discard")
+	}
+	v, err = private.ReadUint64(0)
+	require.NoError(t, err)
+	require.Equal(t, uint64(0xfeed), v, "nothing was dropped")
+	d, err := private.CollectDirty()
+	require.NoError(t, err)
+	require.Zero(t, d.Pages(), "nothing changed, so nothing is dirty")
+
+	f := writeFile(t, make([]byte, guestmem.FileSize(twoRegions)))
+	file := newMemory(t, twoRegions, guestmem.WithFile(f))
+	require.ErrorIs(t, file.DropPageCache(), guestmem.ErrDataLoss)
 }
 
 func TestClosed(t *testing.T) {

@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"sort"
@@ -71,11 +72,36 @@ func (m *Memory) Prefetch(spans ...Span) error {
 	return m.each("Prefetch", spans, (*arena.Arena).Prefetch)
 }
 
-// DropPageCache discards the spans' pages from the host mapping
-// (MADV_DONTNEED); see arena.Mapping.DropPageCache. Locked pages: an error
-// wrapping arena.ErrLocked.
+// ErrDataLoss is returned by a call that would lose guest data it was not
+// asked to lose: DropPageCache on private guest RAM, whose dropped pages
+// would read back as zeros (anonymous memory) or as the file's old contents
+// (a File backing, lazily restored memory). Discard gives pages back on
+// purpose.
+var ErrDataLoss = errors.New("guestmem: the call would lose guest data")
+
+// DropPageCache drops the host mapping's pages of the spans (the whole guest
+// if none) with MADV_DONTNEED, releasing this process's page-table and
+// resident-set share of a shared backing (Memfd, Hugetlb): the data stays in
+// the memfd and the next access maps it again, so the guest reads what it
+// wrote. On private guest RAM (Anonymous, File, lazily restored memory) the
+// same call would throw the guest's pages away, so it is refused with
+// ErrDataLoss before anything is dropped; use Discard to free pages on
+// purpose. Locked pages: an error wrapping arena.ErrLocked.
 func (m *Memory) DropPageCache(spans ...Span) error {
-	return m.each("DropPageCache", spans, (*arena.Arena).DropPageCache)
+	const op = "DropPageCache"
+	if m.backing != Memfd && m.backing != Hugetlb {
+		return fmt.Errorf("guestmem: %s: %w: %v guest RAM is private, so its dropped pages would read back as %s; "+
+			"use Discard to give pages back on purpose", op, ErrDataLoss, m.backing, m.privateDropReads())
+	}
+	return m.each(op, spans, (*arena.Arena).DropPageCache)
+}
+
+// privateDropReads says what a dropped private page would read back as.
+func (m *Memory) privateDropReads() string {
+	if m.backing == Anonymous && !m.overlay {
+		return "zeros"
+	}
+	return "the file's contents, not the guest's writes"
 }
 
 // LockOnFault locks the spans in memory as they are touched
