@@ -232,11 +232,20 @@ func (m *Memory) CompareAndSwapUint64(a GuestAddress, old, newV uint64) (ok bool
 }
 
 // Slice returns guest memory [a, a+n) itself, with no copy; the range must
-// lie in one region. The slice is valid until the region is removed or the
+// lie in one region (n == 0 gives an empty slice where a is guest RAM). The slice is valid until the region is removed or the
 // Memory closed, and accesses through it are not fault-protected: see
 // arena.Mapping.Bytes. Writes through it are invisible to dirty tracking:
 // call MarkDirty for what you wrote.
 func (m *Memory) Slice(a GuestAddress, n uint64) (b []byte, err error) {
+	if n == 0 { // an empty range inside guest RAM is an empty slice (vm-memory's get_slice)
+		if _, err := m.Region(a); err != nil {
+			if ae, ok := err.(*AddressError); ok {
+				ae.Op = "Slice"
+			}
+			return nil, err
+		}
+		return []byte{}, nil
+	}
 	err = m.one("Slice", a, n, false, func(ar *arena.Arena, off int64) (err error) {
 		b, err = ar.Bytes(off, int64(n))
 		return err

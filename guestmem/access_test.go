@@ -120,6 +120,16 @@ func TestTypedAtomicAndSlice(t *testing.T) {
 	require.Equal(t, uint8(0xAB), b, "the slice aliases guest memory")
 	_, err = m.Slice(4*mib-8, 16)
 	require.ErrorIs(t, err, guestmem.ErrSpansRegions)
+	// An empty range inside a region is an empty slice (vm-memory's
+	// get_slice(addr, 0)); at a hole it is still ErrHole.
+	for _, a := range []guestmem.GuestAddress{0, 4*mib - 1, 4 * mib, 16 * mib} {
+		s, err := m.Slice(a, 0)
+		require.NoError(t, err, "Slice(%v, 0)", a)
+		require.NotNil(t, s)
+		require.Empty(t, s)
+	}
+	_, err = m.Slice(8*mib, 0)
+	require.ErrorIs(t, err, guestmem.ErrHole)
 
 	r, err := m.Region(5 * mib)
 	require.NoError(t, err)
