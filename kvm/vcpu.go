@@ -13,18 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Regs are a vCPU's general-purpose registers (struct kvm_regs).
-type Regs = gokvm.Regs
-
-// Sregs are a vCPU's special registers (struct kvm_sregs).
-type Sregs = gokvm.Sregs
-
-// Segment is a segment register as KVM holds it.
-type Segment = gokvm.Segment
-
-// Descriptor is a descriptor-table register (GDTR, IDTR).
-type Descriptor = gokvm.Descriptor
-
 // ExitReason is why KVM_RUN returned (KVM_EXIT_*).
 type ExitReason uint32
 

@@ -160,21 +160,47 @@ func (m *Machine) longMode() error {
 	if err != nil {
 		return err
 	}
-	code := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 8, Typ: 11, Present: 1, S: 1, L: 1, G: 1}
-	data := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 16, Typ: 3, Present: 1, S: 1, DB: 1, G: 1}
+	return m.CPU.SetSregs(longModeSregs(s, m.base))
+}
+
+// Segment types (Segment.Typ): with S set, code or data; with S clear, a
+// system segment.
+const (
+	typeCode    = 11 // execute/read, accessed
+	typeData    = 3  // read/write, accessed
+	typeBusyTSS = 11 // a busy 64-bit TSS (S clear)
+)
+
+// Long mode's control registers. CR0: protection and paging (PE, PG), the
+// x87 settings of a modern OS (MP, NE, ET), supervisor writes honouring
+// read-only pages (WP), alignment checks allowed (AM). CR4: only PAE, which
+// long mode needs (no OSFXSR, so SSE instructions fault). EFER: long mode
+// enabled and active; KVM_SET_SREGS wants both.
+const (
+	longModeCR0  = kvm.CR0PG | kvm.CR0AM | kvm.CR0WP | kvm.CR0NE | kvm.CR0ET | kvm.CR0MP | kvm.CR0PE
+	longModeCR4  = kvm.CR4PAE
+	longModeEFER = kvm.EFERLME | kvm.EFERLMA
+)
+
+// longModeSregs returns s changed to 64-bit mode, with the system slot at
+// base: flat segments, the TSS, the GDT, the page tables, and the control
+// registers and EFER of long mode.
+func longModeSregs(s kvm.Sregs, base uint64) kvm.Sregs {
+	code := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 8, Typ: typeCode, Present: 1, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: 16, Typ: typeData, Present: 1, S: 1, DB: 1, G: 1}
 	s.CS = code
 	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
 	// Hardware virtualization checks TR on entry even though nothing here
 	// switches tasks: a present, busy 64-bit TSS. No LDT.
-	s.TR = kvm.Segment{Base: m.base + offTSS, Limit: tssLimit, Selector: 24, Typ: 11, Present: 1}
+	s.TR = kvm.Segment{Base: base + offTSS, Limit: tssLimit, Selector: 24, Typ: typeBusyTSS, Present: 1}
 	s.LDT = kvm.Segment{Unusable: 1}
-	s.GDT = kvm.Descriptor{Base: m.base + offGDT, Limit: gdtLimit}
+	s.GDT = kvm.Descriptor{Base: base + offGDT, Limit: gdtLimit}
 	s.IDT = kvm.Descriptor{} // none: any exception shuts the vCPU down (ExitShutdown)
-	s.CR3 = m.base + offPML4
-	s.CR4 = 1 << 5        // PAE
-	s.CR0 = 0x80050033    // PG, AM, WP, NE, ET, MP, PE
-	s.EFER = 1<<8 | 1<<10 // LME, LMA
-	return m.CPU.SetSregs(s)
+	s.CR3 = base + offPML4
+	s.CR4 = longModeCR4
+	s.CR0 = longModeCR0
+	s.EFER = longModeEFER
+	return s
 }
 
 // Load copies code into the system slot and returns its guest address.
@@ -262,7 +288,7 @@ func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) 
 	}
 	regs.RIP = entry
 	regs.RSP = m.base + SysSize - 16
-	regs.RFLAGS = 2
+	regs.RFLAGS = kvm.RFLAGSFixed // interrupts off
 	if err := m.CPU.SetRegs(regs); err != nil {
 		return Result{}, err
 	}

@@ -157,7 +157,8 @@ func TestMachineSetup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sr.EFER&(1<<10) == 0 || sr.CS.L != 1 || sr.CR3 != base+offPML4 || sr.TR.Typ != 11 || sr.TR.Present != 1 {
+	if sr.EFER&kvm.EFERLMA == 0 || sr.CS.L != 1 || sr.CR3 != base+offPML4 || sr.TR.Typ != typeBusyTSS ||
+		sr.TR.Present != 1 {
 		t.Fatalf("vCPU state: EFER %#x CS %+v CR3 %#x TR %+v", sr.EFER, sr.CS, sr.CR3, sr.TR)
 	}
 	if err := m.Close(); err != nil {
