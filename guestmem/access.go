@@ -253,13 +253,18 @@ func (m *Memory) Slice(a GuestAddress, n uint64) (b []byte, err error) {
 	return b, err
 }
 
-// CopyTo writes guest memory [a, a+n) to w.
+// CopyTo writes guest memory [a, a+n) to w, handing it guest memory itself.
+// w runs holding the region table: it may read and write guest memory, but
+// what would wait for the table (Close, AddRegion, RemoveRegion, Register,
+// Unregister, Start/StopDirtyTracking) returns ErrReentered.
 func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
 	t, err := m.acquire("CopyTo")
 	if err != nil {
 		return 0, err
 	}
 	defer t.release()
+	m.inCallback.Enter("CopyTo") // w runs holding t
+	defer m.inCallback.Leave()
 	return t.copyTo("CopyTo", w, a, n)
 }
 
@@ -280,7 +285,8 @@ func (t *table) copyTo(op string, w io.Writer, a GuestAddress, n uint64) (int64,
 	return done, nil
 }
 
-// CopyFrom reads n bytes from r into guest memory at a.
+// CopyFrom reads n bytes from r into guest memory at a. r runs holding the
+// region table, with CopyTo's rules for what it may call.
 func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) {
 	t, err := m.acquire("CopyFrom")
 	if err != nil {
@@ -291,6 +297,8 @@ func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) 
 	if err != nil {
 		return 0, err
 	}
+	m.inCallback.Enter("CopyFrom") // r runs holding t
+	defer m.inCallback.Leave()
 	var done int64
 	for _, pc := range pieces {
 		k, err := pc.a.CopyFrom(pc.off, r, pc.n)

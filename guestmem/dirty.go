@@ -91,19 +91,20 @@ func (m *Memory) StartDirtyTracking() error { return m.setTracking(true) }
 func (m *Memory) StopDirtyTracking() error { return m.setTracking(false) }
 
 // Tracking reports whether dirty tracking is on.
-func (m *Memory) Tracking() bool {
-	m.wmu.Lock()
-	defer m.wmu.Unlock()
-	return m.tracking
+func (m *Memory) Tracking() (on bool) {
+	m.peek(func() { on = m.tracking })
+	return on
 }
 
 func (m *Memory) setTracking(on bool) error {
-	m.wmu.Lock()
-	defer m.wmu.Unlock()
 	op := "StopDirtyTracking"
 	if on {
 		op = "StartDirtyTracking"
 	}
+	if err := m.lock(op, true); err != nil {
+		return err
+	}
+	defer m.wmu.Unlock()
 	t := m.tab.Load()
 	if t.closed {
 		return closedErr(op)
@@ -178,7 +179,9 @@ func (d *DirtySet) Contains(a GuestAddress) bool {
 // last collection — the union of KVM's dirty log of every registered region
 // and the writes made through guestmem's own methods — and resets both.
 func (m *Memory) CollectDirty() (*DirtySet, error) {
-	m.wmu.Lock()
+	if err := m.lock("CollectDirty", false); err != nil {
+		return nil, err
+	}
 	defer m.wmu.Unlock()
 	return m.collectLocked("CollectDirty")
 }

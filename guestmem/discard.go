@@ -37,6 +37,13 @@ func (m *Memory) Discard(a GuestAddress, n uint64) error {
 	if err != nil {
 		return err
 	}
+	if m.backing == File || m.overlay {
+		// Remapping waits for the arena's accesses in flight, which a
+		// callback of this goroutine may be inside.
+		if err := m.inCallback.Check(op); err != nil {
+			return fmt.Errorf("guestmem: %w", err)
+		}
+	}
 	for _, pc := range pieces {
 		if t.regions[pc.region].ReadOnly {
 			return &AddressError{Op: op, GPA: pc.gpa, Len: n, Err: ErrReadOnly}

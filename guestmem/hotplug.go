@@ -78,7 +78,9 @@ func (h *hotplugSpace) release(off, n int64) {
 // any error nothing changes. Overlap, alignment and address-space errors are
 // *LayoutError as from New; no room in a memfd backing is ErrHotplugSpace.
 func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
-	m.wmu.Lock()
+	if err := m.lock("AddRegion", true); err != nil {
+		return Region{}, err
+	}
 	defer m.wmu.Unlock()
 	t := m.tab.Load()
 	if t.closed {
@@ -151,7 +153,9 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 // drain; only then is its host memory unmapped and its backing released
 // (a hole punched in a memfd). If deleting the slot fails, nothing changes.
 func (m *Memory) RemoveRegion(gpa GuestAddress) error {
-	m.wmu.Lock()
+	if err := m.lock("RemoveRegion", true); err != nil {
+		return err
+	}
 	defer m.wmu.Unlock()
 	t := m.tab.Load()
 	if t.closed {

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/reentry"
 )
 
 // Backing says what memory backs guest RAM.
@@ -155,6 +156,50 @@ type Memory struct {
 	tracking bool // dirty tracking on
 	overlay  bool // parts of anonymous memory are private file mappings (lazy restore)
 	snap     snapState
+
+	// Callbacks run while holding: every user callback (a CopyTo writer, a
+	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region
+	// table, and Save's writer holds wmu too. A call from one of them that
+	// would wait for what it holds fails instead (see lock).
+	inCallback reentry.Guard // holds the table
+	inSave     reentry.Guard // holds wmu
+}
+
+// ErrReentered is wrapped by the error of a call made from a callback that
+// holds what the call would wait for — Close, AddRegion, RemoveRegion,
+// Register, Unregister, StartDirtyTracking, StopDirtyTracking and Discard of
+// private file-backed memory wait for the region table, which every callback
+// holds; CollectDirty and Save wait for Save, whose writer is a callback —
+// rather than a deadlock. Call it after the outer call returns.
+var ErrReentered = reentry.ErrReentered
+
+// lock takes m.wmu for op, or returns an error wrapping ErrReentered when
+// the calling goroutine is inside a callback holding what op would wait for:
+// m.wmu (Save's writer) or, where op replaces the region table (publishes),
+// the table every callback holds.
+func (m *Memory) lock(op string, publishes bool) error {
+	if err := m.inSave.Check(op); err != nil {
+		return fmt.Errorf("guestmem: %w", err)
+	}
+	if publishes {
+		if err := m.inCallback.Check(op); err != nil {
+			return fmt.Errorf("guestmem: %w", err)
+		}
+	}
+	m.wmu.Lock()
+	return nil
+}
+
+// peek runs fn with m.wmu held: taken here, or held already by the Save
+// whose writer is the caller.
+func (m *Memory) peek(fn func()) {
+	if _, ok := m.inSave.Holding(); ok {
+		fn()
+		return
+	}
+	m.wmu.Lock()
+	defer m.wmu.Unlock()
+	fn()
 }
 
 func closedErr(op string) error { return fmt.Errorf("guestmem: %s: %w", op, ErrClosed) }
@@ -342,7 +387,9 @@ func (m *Memory) applyDefaults(a *arena.Arena, off, n int64) error {
 // never points at unmapped memory. Close waits for accesses in flight; later
 // calls return ErrClosed, and Close itself returns nil again.
 func (m *Memory) Close() error {
-	m.wmu.Lock()
+	if err := m.lock("Close", true); err != nil {
+		return err
+	}
 	defer m.wmu.Unlock()
 	if m.tab.Load().closed {
 		return nil
@@ -370,10 +417,9 @@ func (m *Memory) Backing() Backing { return m.backing }
 // FD returns the memfd or file backing guest RAM, for handing to another
 // process (vhost-user) with each region's FDOffset; -1 for Anonymous and
 // after Close. It stays owned by the Memory.
-func (m *Memory) FD() int {
-	m.wmu.Lock() // Close sets fd to -1
-	defer m.wmu.Unlock()
-	return m.fd
+func (m *Memory) FD() (fd int) {
+	m.peek(func() { fd = m.fd }) // Close sets fd to -1
+	return fd
 }
 
 // PageSize returns the page size of the backing: 4 KiB, or the hugetlb page size.

@@ -140,7 +140,9 @@ type PrefaultOptions struct {
 	// Spans to prefault; none means the whole guest.
 	Spans []Span
 	// Progress, if set, is called after each chunk with the bytes done and
-	// the total, from one goroutine at a time.
+	// the total, from one goroutine at a time, while Prefault holds the
+	// region table: what would wait for it (Close, AddRegion, RemoveRegion,
+	// ...) returns ErrReentered from there.
 	Progress func(done, total uint64)
 }
 
@@ -224,7 +226,9 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 				progress.Lock()
 				d := done.Add(uint64(j.n))
 				if o.Progress != nil {
+					m.inCallback.Enter("Prefault") // Progress runs while Prefault holds the table
 					o.Progress(d, total)
+					m.inCallback.Leave()
 				}
 				progress.Unlock()
 			}

@@ -35,7 +35,9 @@ func (m *Memory) slotFor(r Region) kvm.Slot {
 // (kvm.ErrClosed) or a slot the kernel refuses leaves no slot behind and
 // the Memory unregistered. Registering twice is ErrRegistered.
 func (m *Memory) Register(vm *kvm.VM) error {
-	m.wmu.Lock()
+	if err := m.lock("Register", true); err != nil {
+		return err
+	}
 	defer m.wmu.Unlock()
 	t := m.tab.Load()
 	if t.closed {
@@ -77,7 +79,9 @@ func (m *Memory) Register(vm *kvm.VM) error {
 // Unregister deletes the memory's slots. Host memory stays mapped; when it
 // returns, KVM no longer points at it.
 func (m *Memory) Unregister() error {
-	m.wmu.Lock()
+	if err := m.lock("Unregister", true); err != nil {
+		return err
+	}
 	defer m.wmu.Unlock()
 	if m.tab.Load().closed {
 		return closedErr("Unregister")
@@ -110,13 +114,13 @@ func (m *Memory) unregisterLocked() error {
 }
 
 // VM returns the VM the memory is registered with, or nil.
-func (m *Memory) VM() *kvm.VM {
-	m.wmu.Lock()
-	defer m.wmu.Unlock()
-	if m.reg == nil {
-		return nil
-	}
-	return m.reg.vm
+func (m *Memory) VM() (vm *kvm.VM) {
+	m.peek(func() {
+		if m.reg != nil {
+			vm = m.reg.vm
+		}
+	})
+	return vm
 }
 
 // Slot returns the KVM slot of the region containing a, and whether the

@@ -159,11 +159,22 @@ type SaveStats struct {
 // dirty tracking on resets the dirty set, starting the next increment. A
 // Save that fails (the writer's error, a cancelled ctx) leaves the dirty set
 // as it found it: the previous snapshot stays the base of the next
-// increment, which still holds every page written since.
+// increment, which still holds every page written since. w runs holding the
+// memory: it may read guest memory and call FD, Tracking and VM, but what
+// would wait for Save (CollectDirty, Save, Close, hotplug, registration,
+// tracking changes) returns ErrReentered.
 func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStats, error) {
 	start := time.Now()
-	m.wmu.Lock()
+	if err := m.lock("Save", false); err != nil {
+		return SaveStats{}, err
+	}
 	defer m.wmu.Unlock()
+	// The writer runs with wmu and the table held: what it calls that would
+	// wait for either fails with ErrReentered (see lock).
+	m.inSave.Enter("Save")
+	defer m.inSave.Leave()
+	m.inCallback.Enter("Save")
+	defer m.inCallback.Leave()
 	t, err := m.acquire("Save")
 	if err != nil {
 		return SaveStats{}, err
