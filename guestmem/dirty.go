@@ -120,12 +120,12 @@ func (m *Memory) setTracking(on bool) error {
 		if on {
 			regions[i].dirty = newDirtyBits(regions[i].Size)
 		}
-		if m.reg != nil && regions[i].slot >= 0 && !regions[i].ReadOnly {
-			if err := m.reg.vm.SetSlot(m.slotFor(regions[i])); err != nil {
+		if id, ok := m.reg.slot(regions[i].GPA); ok && !regions[i].ReadOnly {
+			if err := m.reg.vm.SetSlot(m.slotFor(regions[i], id)); err != nil {
 				m.tracking = !on
 				for _, r := range regions[:i] { // put the earlier slots back
-					if r.slot >= 0 && !r.ReadOnly {
-						err = errors.Join(err, m.reg.vm.SetSlot(m.slotFor(r)))
+					if id, ok := m.reg.slot(r.GPA); ok && !r.ReadOnly {
+						err = errors.Join(err, m.reg.vm.SetSlot(m.slotFor(r, id)))
 					}
 				}
 				return fmt.Errorf("guestmem: %s: region at %v: %w", op, regions[i].GPA, err)
@@ -199,12 +199,12 @@ func (m *Memory) collectLocked(op string) (*DirtySet, error) {
 	var kvmBits []uint64
 	for _, r := range t.regions {
 		words := len(r.dirty.w)
-		if m.reg != nil && r.slot >= 0 && !r.ReadOnly {
+		if id, ok := m.reg.slot(r.GPA); ok && !r.ReadOnly {
 			if cap(kvmBits) < words {
 				kvmBits = make([]uint64, words)
 			}
 			kvmBits = kvmBits[:words]
-			if err := m.reg.vm.GetDirtyLog(uint32(r.slot), kvmBits); err != nil {
+			if err := m.reg.vm.GetDirtyLog(id, kvmBits); err != nil {
 				return nil, fmt.Errorf("guestmem: %s: region at %v: %w", op, r.GPA, err)
 			}
 		} else {

@@ -102,7 +102,7 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		return Region{}, fmt.Errorf("guestmem: AddRegion: %w", err)
 	}
 	align := max(uint64(hostAlign), m.pageSize)
-	r := Region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1, slot: -1,
+	r := Region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1,
 		Hotplugged: true, ArenaOffset: int64(m.guard)}
 	if m.backing != Anonymous {
 		off, ok := m.hot.alloc(int64(alignUp(spec.Size, align)), int64(align))
@@ -130,12 +130,7 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		r.dirty = newDirtyBits(r.Size)
 	}
 	if m.reg != nil {
-		id, err := m.reg.vm.FreeSlot()
-		if err == nil {
-			r.slot = int(id)
-			err = m.reg.vm.SetSlot(m.slotFor(r))
-		}
-		if err != nil {
+		if err := m.addSlot(r); err != nil {
 			return fail(errors.Join(fmt.Errorf("guestmem: AddRegion: registering [%v, +%#x): %w", r.GPA, r.Size, err),
 				a.Close()))
 		}
@@ -166,10 +161,11 @@ func (m *Memory) RemoveRegion(gpa GuestAddress) error {
 		return &AddressError{Op: "RemoveRegion", GPA: gpa, Err: ErrNoRegion}
 	}
 	r := t.regions[i]
-	if m.reg != nil && r.slot >= 0 {
-		if err := m.reg.vm.DeleteSlot(uint32(r.slot)); err != nil && !errors.Is(err, kvm.ErrClosed) {
+	if id, ok := m.reg.slot(r.GPA); ok {
+		if err := m.reg.vm.DeleteSlot(id); err != nil && !errors.Is(err, kvm.ErrClosed) {
 			return fmt.Errorf("guestmem: RemoveRegion at %v: %w", gpa, err)
 		}
+		delete(m.reg.slots, r.GPA)
 	}
 	m.publish(&table{regions: slices.Delete(slices.Clone(t.regions), i, i+1)})
 	var err error

@@ -127,7 +127,6 @@ type Region struct {
 	Hotplugged bool
 
 	host  *arena.Arena // the arena holding the region
-	slot  int          // KVM slot while registered, else -1
 	dirty *dirtyBits   // host-side dirty bitmap while tracking, else nil
 }
 
@@ -167,10 +166,10 @@ type Memory struct {
 
 // ErrReentered is wrapped by the error of a call made from a callback that
 // holds what the call would wait for — Close, AddRegion, RemoveRegion,
-// Register, Unregister, StartDirtyTracking, StopDirtyTracking and Discard of
-// private file-backed memory wait for the region table, which every callback
-// holds; CollectDirty and Save wait for Save, whose writer is a callback —
-// rather than a deadlock. Call it after the outer call returns.
+// StartDirtyTracking, StopDirtyTracking and Discard of private file-backed
+// memory wait for the region table, which every callback holds; Register,
+// Unregister, CollectDirty and Save wait for Save, whose writer is a
+// callback — rather than a deadlock. Call it after the outer call returns.
 var ErrReentered = reentry.ErrReentered
 
 // lock takes m.wmu for op, or returns an error wrapping ErrReentered when
@@ -236,7 +235,7 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	var arenaCursor, fdCursor uint64 = guard, 0
 	for i, s := range specs {
 		regions[i] = Region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
-			ArenaOffset: int64(arenaCursor), FDOffset: -1, slot: -1}
+			ArenaOffset: int64(arenaCursor), FDOffset: -1}
 		if c.backing != Anonymous {
 			regions[i].FDOffset = int64(fdCursor)
 			fdCursor = alignUp(fdCursor+s.Size, align)
@@ -396,7 +395,7 @@ func (m *Memory) Close() error {
 	}
 	var errs []error
 	if m.reg != nil {
-		errs = append(errs, m.unregisterLocked())
+		errs = append(errs, m.dropSlots(false))
 	}
 	old := m.publish(&table{closed: true})
 	for _, r := range old.regions {

@@ -3,7 +3,6 @@ package guestmem
 import (
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/gmem-vmm/gmem/kvm"
 )
@@ -15,12 +14,26 @@ var (
 	ErrNotRegistered = errors.New("guestmem: not registered with a VM")
 )
 
+// registration is the VM the memory is registered with and the slot of each
+// region, by the region's GPA. It is guarded by m.wmu (the region table
+// holds no slot numbers, so registering never replaces it).
 type registration struct {
-	vm *kvm.VM
+	vm     *kvm.VM
+	slots  map[GuestAddress]uint32
+	cancel func() // unregisters the VM's close hook
 }
 
-func (m *Memory) slotFor(r Region) kvm.Slot {
-	s := kvm.Slot{ID: uint32(r.slot), GPA: uint64(r.GPA), Size: r.Size, HostAddr: r.HostAddr}
+// slot returns the slot of the region at gpa, if it has one.
+func (g *registration) slot(gpa GuestAddress) (uint32, bool) {
+	if g == nil {
+		return 0, false
+	}
+	id, ok := g.slots[gpa]
+	return id, ok
+}
+
+func (m *Memory) slotFor(r Region, id uint32) kvm.Slot {
+	s := kvm.Slot{ID: id, GPA: uint64(r.GPA), Size: r.Size, HostAddr: r.HostAddr}
 	if r.ReadOnly {
 		s.Flags |= kvm.ReadOnly
 	} else if m.tracking {
@@ -29,13 +42,26 @@ func (m *Memory) slotFor(r Region) kvm.Slot {
 	return s
 }
 
+// addSlot gives region r a slot of the registration's VM.
+func (m *Memory) addSlot(r Region) error {
+	s, err := m.reg.vm.AddSlot(m.slotFor(r, 0))
+	if err != nil {
+		return err
+	}
+	m.reg.slots[r.GPA] = s.ID
+	return nil
+}
+
 // Register gives every region a KVM memory slot in vm, read-only for
 // read-only regions and dirty-logged while dirty tracking is on. It is all
 // or nothing: too few free slots (kvm.ErrSlotLimit), a closed VM
 // (kvm.ErrClosed) or a slot the kernel refuses leaves no slot behind and
-// the Memory unregistered. Registering twice is ErrRegistered.
+// the Memory unregistered. Registering twice is ErrRegistered. Closing vm
+// later acts as Unregister: the memory harvests the VM's last dirty log and
+// lets go of it first (kvm.VM.OnClose), so CollectDirty and Save keep
+// working and report what the guest wrote.
 func (m *Memory) Register(vm *kvm.VM) error {
-	if err := m.lock("Register", true); err != nil {
+	if err := m.lock("Register", false); err != nil {
 		return err
 	}
 	defer m.wmu.Unlock()
@@ -53,33 +79,25 @@ func (m *Memory) Register(vm *kvm.VM) error {
 		return fmt.Errorf("guestmem: Register: %d regions but the VM has %d free memory slots: %w",
 			len(t.regions), free, kvm.ErrSlotLimit)
 	}
-	regions := slices.Clone(t.regions)
-	undo := func(n int) error {
-		var errs []error
-		for _, r := range regions[:n] {
-			errs = append(errs, vm.DeleteSlot(uint32(r.slot)))
-		}
-		return errors.Join(errs...)
+	cancel, err := vm.OnClose(func() { m.vmClosing(vm) })
+	if err != nil {
+		return fmt.Errorf("guestmem: Register: %w", err)
 	}
-	for i := range regions {
-		id, err := vm.FreeSlot()
-		if err == nil {
-			regions[i].slot = int(id)
-			err = vm.SetSlot(m.slotFor(regions[i]))
-		}
-		if err != nil {
-			return errors.Join(fmt.Errorf("guestmem: Register: region at %v: %w", regions[i].GPA, err), undo(i))
+	m.reg = &registration{vm: vm, slots: make(map[GuestAddress]uint32, len(t.regions)), cancel: cancel}
+	for _, r := range t.regions {
+		if err := m.addSlot(r); err != nil {
+			err = fmt.Errorf("guestmem: Register: region at %v: %w", r.GPA, err)
+			return errors.Join(err, m.dropSlots(false))
 		}
 	}
-	m.reg = &registration{vm: vm}
-	m.publish(&table{regions: regions})
 	return nil
 }
 
 // Unregister deletes the memory's slots. Host memory stays mapped; when it
-// returns, KVM no longer points at it.
+// returns, KVM no longer points at it. While dirty tracking is on, what
+// KVM logged for the slots is kept first, for the next CollectDirty or Save.
 func (m *Memory) Unregister() error {
-	if err := m.lock("Unregister", true); err != nil {
+	if err := m.lock("Unregister", false); err != nil {
 		return err
 	}
 	defer m.wmu.Unlock()
@@ -89,27 +107,59 @@ func (m *Memory) Unregister() error {
 	if m.reg == nil {
 		return fmt.Errorf("guestmem: Unregister: %w", ErrNotRegistered)
 	}
-	return m.unregisterLocked()
+	return m.dropSlots(true)
 }
 
-func (m *Memory) unregisterLocked() error {
+// vmClosing runs when the VM the memory is registered with begins to close
+// (its OnClose hook), while the VM still works: it unregisters, keeping the
+// last dirty log. From Save's writer (which holds wmu already) it runs
+// without taking it.
+func (m *Memory) vmClosing(vm *kvm.VM) {
+	m.peek(func() {
+		if m.reg != nil && m.reg.vm == vm && !m.tab.Load().closed {
+			// An error here has no caller to go to: the VM is closing and its
+			// slots go with it. What the log held is in the dirty set
+			// unless GetDirtyLog itself failed, which then shows as a slot
+			// error in the next Register of this memory instead.
+			_ = m.dropSlots(true)
+		}
+	})
+}
+
+// dropSlots deletes every slot of the registration and ends it; with harvest
+// set and tracking on, each writable slot's dirty log is merged into the
+// host-side dirty bitmaps first. The caller holds m.wmu.
+func (m *Memory) dropSlots(harvest bool) error {
 	t := m.tab.Load()
-	regions := slices.Clone(t.regions)
 	var errs []error
-	for i, r := range regions {
-		if r.slot < 0 {
+	var bitmap []uint64
+	for _, r := range t.regions {
+		id, ok := m.reg.slot(r.GPA)
+		if !ok {
 			continue
 		}
-		err := m.reg.vm.DeleteSlot(uint32(r.slot))
-		if err != nil && !errors.Is(err, kvm.ErrClosed) {
+		if harvest && m.tracking && !r.ReadOnly && r.dirty != nil {
+			words := len(r.dirty.w)
+			if cap(bitmap) < words {
+				bitmap = make([]uint64, words)
+			}
+			bitmap = bitmap[:words]
+			if err := m.reg.vm.GetDirtyLog(id, bitmap); err != nil && !errors.Is(err, kvm.ErrClosed) {
+				errs = append(errs, fmt.Errorf("guestmem: Unregister: dirty log of region at %v: %w", r.GPA, err))
+			} else if err == nil {
+				for w, v := range bitmap {
+					if v != 0 {
+						r.dirty.w[w].Or(v)
+					}
+				}
+			}
+		}
+		if err := m.reg.vm.DeleteSlot(id); err != nil && !errors.Is(err, kvm.ErrClosed) {
 			errs = append(errs, fmt.Errorf("guestmem: Unregister: region at %v: %w", r.GPA, err))
 		}
-		regions[i].slot = -1
 	}
+	m.reg.cancel()
 	m.reg = nil
-	if !t.closed {
-		m.publish(&table{regions: regions})
-	}
 	return errors.Join(errs...)
 }
 
@@ -130,5 +180,8 @@ func (m *Memory) Slot(a GuestAddress) (uint32, bool, error) {
 	if err != nil {
 		return 0, false, err
 	}
-	return uint32(max(r.slot, 0)), r.slot >= 0, nil
+	var id uint32
+	var ok bool
+	m.peek(func() { id, ok = m.reg.slot(r.GPA) })
+	return id, ok, nil
 }

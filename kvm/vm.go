@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/bits"
 	"os"
@@ -80,6 +81,11 @@ type VM struct {
 	manual   bool // manual dirty-log protect enabled
 	vcpus    []*VCPU
 
+	closeMu  sync.Mutex // serializes Close, which runs the hooks without mu
+	closing  bool       // Close has taken the hooks
+	hooks    map[uint64]func()
+	nextHook uint64
+
 	// The slot table. Changed with mu held and also tmu held for writing;
 	// read with either held. vCPUs classify their MMIO exits with only tmu
 	// held for reading (see VCPU.Run), so tmu is a leaf lock: nothing is
@@ -132,10 +138,20 @@ func (vm *VM) Capabilities() Capabilities { return vm.caps }
 func (vm *VM) MaxSlots() int { return vm.maxSlots }
 
 // Close closes the VM's vCPUs (waiting for a Run in progress to return) and
-// the VM. Host memory that slots pointed at stays mapped and belongs to the
-// caller; once Close returns, KVM no longer uses it. Closing twice returns
-// nil.
+// the VM. It first runs the functions given to OnClose, while the VM still
+// answers every call. Host memory that slots pointed at stays mapped and
+// belongs to the caller; once Close returns, KVM no longer uses it. Closing
+// twice returns nil.
 func (vm *VM) Close() error {
+	vm.closeMu.Lock()
+	defer vm.closeMu.Unlock()
+	vm.mu.Lock()
+	hooks := vm.hooks
+	vm.hooks, vm.closing = nil, true
+	vm.mu.Unlock()
+	for _, id := range slices.Sorted(maps.Keys(hooks)) {
+		hooks[id]()
+	}
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
@@ -152,6 +168,33 @@ func (vm *VM) Close() error {
 	vm.slots, vm.byGPA = nil, nil
 	vm.tmu.Unlock()
 	return errors.Join(errs...)
+}
+
+// OnClose registers fn to run when Close begins, before the vCPUs and the
+// VM are closed, while every call on the VM (GetDirtyLog, DeleteSlot, ...)
+// still works: memory registered with the VM harvests its last dirty log
+// and lets go of its slots there (guestmem does). Functions run in the
+// order they were registered, on the goroutine calling Close, which holds
+// no lock of the VM's but Close's own: fn must not call Close. The returned
+// function unregisters fn. Once Close has begun, OnClose registers nothing
+// and returns ErrClosed: a registration that succeeds is always run.
+func (vm *VM) OnClose(fn func()) (cancel func(), err error) {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.f == nil || vm.closing {
+		return func() {}, fmt.Errorf("kvm: OnClose: %w", ErrClosed)
+	}
+	if vm.hooks == nil {
+		vm.hooks = map[uint64]func(){}
+	}
+	id := vm.nextHook
+	vm.nextHook++
+	vm.hooks[id] = fn
+	return func() {
+		vm.mu.Lock()
+		defer vm.mu.Unlock()
+		delete(vm.hooks, id)
+	}, nil
 }
 
 // Slots returns the slots in use, lowest guest address first.
@@ -216,13 +259,19 @@ func (vm *VM) slotAtLocked(gpa uint64) (Slot, bool) {
 	return Slot{}, false
 }
 
-// FreeSlot returns the lowest slot number not in use, or ErrSlotLimit.
+// FreeSlot returns the lowest slot number not in use, or ErrSlotLimit. The
+// number may be taken by another goroutine before the caller uses it: to
+// create a slot, AddSlot picks the number and creates the slot in one step.
 func (vm *VM) FreeSlot() (uint32, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
 		return 0, ErrClosed
 	}
+	return vm.freeLocked()
+}
+
+func (vm *VM) freeLocked() (uint32, error) {
 	if len(vm.slots) < vm.maxSlots {
 		for id := uint32(0); int(id) < vm.maxSlots; id++ {
 			if _, used := vm.slots[id]; !used {
@@ -330,6 +379,36 @@ func (vm *VM) SetSlot(s Slot) error {
 	if vm.f == nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: ErrClosed}
 	}
+	return vm.setLocked(s)
+}
+
+// AddSlot creates a slot for s under the lowest free slot number, chosen and
+// used in one step (s.ID is ignored), and returns the slot as created. Two
+// goroutines adding slots at once get different numbers; FreeSlot followed
+// by SetSlot can hand both the same one. It checks s as SetSlot does; no
+// free number is ErrSlotLimit.
+func (vm *VM) AddSlot(s Slot) (Slot, error) {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.f == nil {
+		return Slot{}, &SlotError{Op: "AddSlot", Slot: s.ID, Err: ErrClosed}
+	}
+	id, err := vm.freeLocked()
+	if err != nil {
+		return Slot{}, &SlotError{Op: "AddSlot", Slot: s.ID, Err: err}
+	}
+	s.ID = id
+	if err := vm.setLocked(s); err != nil {
+		if se, ok := err.(*SlotError); ok {
+			se.Op = "AddSlot"
+		}
+		return Slot{}, err
+	}
+	return s, nil
+}
+
+// setLocked is SetSlot with mu held and the VM open; errors are *SlotError.
+func (vm *VM) setLocked(s Slot) error {
 	if err := vm.check(s); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
