@@ -14,7 +14,7 @@ import (
 
 // RunCmd is `gmem run`: the main job on an embedded default guest.
 type RunCmd struct {
-	Size        Size   `default:"512M" placeholder:"SIZE" help:"Guest RAM, a multiple of 4 MiB, split in two regions around a 64 MiB hole (default: ${default})."`
+	Size        Size   `default:"512M" placeholder:"SIZE" help:"Guest RAM, a multiple of 2 MiB from 4M to 65472M, split in two regions around a 64 MiB hole (default: ${default})."`
 	Backing     string `default:"memfd" enum:"anon,memfd,hugetlb" help:"Backing of guest RAM: anon, memfd or hugetlb (2 MiB pages; needs a pool) (default: ${default})."`
 	NoPrefault  bool   `help:"Do not prefault: the guest populates memory as it touches it."`
 	NoHugepages bool   `help:"Do not ask for transparent hugepages."`
@@ -43,7 +43,8 @@ func (c *RunCmd) Run(env *Env) error {
 		}
 	}
 	if _, err := demo.Layout(cfg.Size); err != nil {
-		return fmt.Errorf("--size %v: must be a multiple of 4 MiB and at least 4 MiB", c.Size)
+		return fmt.Errorf("--size %v: must be a multiple of 2 MiB from %v to %v", c.Size, Size(demo.MinSize),
+			Size(demo.MaxSize))
 	}
 	if err := checkFits(env.Root, c.Size, "--size"); err != nil {
 		return err

@@ -48,6 +48,36 @@ func TestRunDemo(t *testing.T) {
 	}
 }
 
+// The smallest size the help allows, and sizes whose regions are uneven,
+// run every step through the command.
+func TestRunSmallestAndUnevenSizes(t *testing.T) {
+	testenv.KVM(t)
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--size", "4M"}, []string{"4MiB guest", "1024 pages", "then 110 (100 by the guest, 10 by the host)",
+			"0.5 MiB returned"}},
+		{[]string{"--size", "6M", "--backing", "anon"}, []string{"6MiB guest", "1536 pages",
+			"then 110 (100 by the guest, 10 by the host)", "1 MiB returned"}},
+		{[]string{"--size", "10M", "--no-prefault"}, []string{"10MiB guest", "2560 pages",
+			"then 110 (100 by the guest, 10 by the host)", "1.5 MiB returned"}},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			code, out, errs := runGmem(t, context.Background(), append([]string{"run"}, tc.args...)...)
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, errs)
+			}
+			for _, want := range append(tc.want, "all correct; guest and host checksums agree", "snapshot restore (lazy)",
+				"guest memory released") {
+				if !strings.Contains(out, want) {
+					t.Errorf("output lacks %q:\n%s", want, out)
+				}
+			}
+		})
+	}
+}
+
 func TestRunInterrupted(t *testing.T) {
 	testenv.KVM(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -72,7 +102,7 @@ func TestRunRefusals(t *testing.T) {
 		{"no KVM", []string{"run", "--kvm", "/nonexistent/kvm"}, defaultFakeHost(), exitError,
 			"gmem run needs KVM: kvm: device not available: /nonexistent/kvm does not exist"},
 		{"malformed size", []string{"run", "--size", "12Q"}, defaultFakeHost(), exitUsage, "--size"},
-		{"unaligned size", []string{"run", "--size", "6M"}, defaultFakeHost(), exitError, "multiple of 4 MiB"},
+		{"unaligned size", []string{"run", "--size", "5M"}, defaultFakeHost(), exitError, "multiple of 2 MiB"},
 		{"too large", []string{"run", "--size", "1G"}, small, exitError, "MemAvailable is 256.0 MiB (268435456 bytes) of 24.0 GiB total (/proc/meminfo); choose a smaller --size"},
 		{"no hugetlb pool", []string{"run", "--backing", "hugetlb"}, defaultFakeHost(), exitError,
 			"backing hugetlb is unavailable"},

@@ -1,7 +1,8 @@
 // Package demo is the main job of `gmem run`: it builds guest memory with a
 // hole in its layout, prefaults it, registers it with KVM, runs guest code
 // that writes and verifies every page, then shows dirty tracking, a balloon
-// discard and a snapshot round trip, timing each step.
+// discard and a snapshot round trip, timing each step. Where each step
+// reads and writes is planned from the size alone (NewPlan).
 package demo
 
 import (
@@ -50,28 +51,16 @@ type Report struct {
 	Steps  []Step          `json:"steps"`
 }
 
-// hole is the gap between the two regions: guest accesses there are MMIO.
-const hole = 64 << 20
-
-// Layout splits size into two 2 MiB-aligned regions with a hole between.
-func Layout(size uint64) (guestmem.Layout, error) {
-	const align = 2 << 20
-	if size < 2*align || size%(2*align) != 0 {
-		return nil, fmt.Errorf("demo: guest size %d must be a multiple of 4 MiB and at least 4 MiB", size)
-	}
-	half := size / 2
-	return guestmem.Layout{{GPA: 0, Size: half}, {GPA: guestmem.GuestAddress(half + hole), Size: half}}, nil
-}
-
 const seed = 0x6d65_6d00_0000_0000
 
 // Run runs the demo, calling step after each step. It releases everything
 // it created before returning, also when ctx is cancelled.
 func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error) {
-	layout, err := Layout(c.Size)
+	plan, err := NewPlan(c.Size, c.Backing)
 	if err != nil {
 		return rep, err
 	}
+	layout := plan.Layout
 	rep.Layout = layout
 	timed := func(name string, fn func() (string, error)) error {
 		if err := ctx.Err(); err != nil {
@@ -141,7 +130,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 			return "", err
 		}
 		cleanups = append(cleanups, vm.Close)
-		if mach, err = guest.New(vm, guest.Config{}); err != nil {
+		if mach, err = guest.New(vm, guest.Config{SysBase: plan.SysBase}); err != nil {
 			return "", err
 		}
 		cleanups = append(cleanups, mach.Close)
@@ -153,12 +142,12 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 		return rep, err
 	}
 
-	pages := c.Size / 4096
+	pages := plan.Pages
 	if err := timed("guest writes every page", func() (string, error) {
 		t0 := time.Now()
 		for _, r := range m.Regions() {
 			if err := call(mach, guest.FillPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RDX: seed,
-				RBX: 4096}, nil); err != nil {
+				RBX: page}, nil); err != nil {
 				return "", err
 			}
 		}
@@ -170,7 +159,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 		for _, r := range m.Regions() {
 			var bad uint64
 			err := call(mach, guest.VerifyPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RDX: seed,
-				RBX: 4096}, func(res guest.Result) error {
+				RBX: page}, func(res guest.Result) error {
 				if _, failed := res.Port(guest.PortFail); failed {
 					bad, _ = res.Port64(guest.PortLo, guest.PortHi)
 					return fmt.Errorf("guest found a wrong value at %#x", bad)
@@ -182,9 +171,9 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 			}
 		}
 		// The guest's checksum, reported through port I/O, against the host's.
-		r := m.Regions()[1]
+		r := m.Regions()[plan.SumRegion]
 		var gsum uint64
-		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RBX: 4096},
+		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.End()), RBX: page},
 			func(res guest.Result) error { gsum, _ = res.Port64(guest.PortLo, guest.PortHi); return nil }); err != nil {
 			return "", err
 		}
@@ -205,28 +194,33 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 			return "", err
 		}
 		first := d.Pages()
-		r := m.Regions()[0]
-		if err := call(mach, guest.FillPages(), kvm.Regs{RSI: uint64(r.GPA), RDI: uint64(r.GPA) + 100*4096,
-			RDX: seed, RBX: 4096}, nil); err != nil {
+		if first != plan.Pages {
+			return "", fmt.Errorf("%d pages dirty after the guest wrote all %d", first, plan.Pages)
+		}
+		g := plan.GuestDirty
+		if err := call(mach, guest.FillPages(), kvm.Regs{RSI: uint64(g.GPA), RDI: uint64(g.GPA) + g.Size,
+			RDX: seed, RBX: page}, nil); err != nil {
 			return "", err
 		}
-		for i := uint64(0); i < 10; i++ {
-			if err := m.WriteUint64(m.Regions()[1].GPA+guestmem.GuestAddress(i*4096*64), i); err != nil {
+		for i, a := range plan.HostDirty {
+			if err := m.WriteUint64(a, uint64(i)); err != nil {
 				return "", err
 			}
 		}
-		d, err = m.CollectDirty()
-		if err != nil {
+		if d, err = m.CollectDirty(); err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("%d after the guest wrote everything; then %d (100 by the guest, 10 by the host)",
-			first, d.Pages()), nil
+		if d.Pages() != plan.DirtyAfter() {
+			return "", fmt.Errorf("%d pages dirty after the guest wrote %d and the host %d, not %d", d.Pages(),
+				plan.GuestDirtyPages(), len(plan.HostDirty), plan.DirtyAfter())
+		}
+		return fmt.Sprintf("%d after the guest wrote everything; then %d (%d by the guest, %d by the host)",
+			first, d.Pages(), plan.GuestDirtyPages(), len(plan.HostDirty)), nil
 	}); err != nil {
 		return rep, err
 	}
 	if err := timed("balloon discard", func() (string, error) {
-		r := m.Regions()[0]
-		n := r.Size / 4
+		b := plan.Balloon
 		before, err := resident(m)
 		if err != nil {
 			return "", err
@@ -236,7 +230,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 				return "", err
 			}
 		}
-		if err := m.Discard(r.End()-guestmem.GuestAddress(n), n); err != nil {
+		if err := m.Discard(b.GPA, b.Size); err != nil {
 			return "", err
 		}
 		after, err := resident(m)
@@ -244,15 +238,15 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 			return "", err
 		}
 		var gsum uint64
-		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(r.End()) - n, RDI: uint64(r.End()), RBX: 4096},
+		if err := call(mach, guest.SumPages(), kvm.Regs{RSI: uint64(b.GPA), RDI: uint64(b.GPA) + b.Size, RBX: page},
 			func(res guest.Result) error { gsum, _ = res.Port64(guest.PortLo, guest.PortHi); return nil }); err != nil {
 			return "", err
 		}
 		if gsum != 0 {
 			return "", fmt.Errorf("the guest reads %#x in discarded memory, not zeros", gsum)
 		}
-		return fmt.Sprintf("%d MiB returned: resident %d → %d MiB; the guest reads zeros there", n>>20, before>>20,
-			after>>20), nil
+		return fmt.Sprintf("%s MiB returned: resident %s → %s MiB; the guest reads zeros there", mib(b.Size),
+			mib(before), mib(after)), nil
 	}); err != nil {
 		return rep, err
 	}
@@ -269,12 +263,12 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 	var saved guestmem.SaveStats
 	if err := timed("snapshot save", func() (string, error) {
 		saved, err = m.Save(ctx, f, guestmem.SaveOptions{})
-		return fmt.Sprintf("%d MiB of data in %d MiB of stream (%s)", saved.DataBytes>>20, saved.Bytes>>20,
+		return fmt.Sprintf("%s MiB of data in %s MiB of stream (%s)", mib(saved.DataBytes), mib(uint64(saved.Bytes)),
 			filepath.Base(f.Name())), err
 	}); err != nil {
 		return rep, err
 	}
-	want, err := hostSum(m, m.Regions()[1])
+	want, err := hostSum(m, m.Regions()[plan.SumRegion])
 	if err != nil {
 		return rep, err
 	}
@@ -298,7 +292,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 				return "", err
 			}
 			defer r.Close()
-			got, err := hostSum(r, r.Regions()[1])
+			got, err := hostSum(r, r.Regions()[plan.SumRegion])
 			if err != nil {
 				return "", err
 			}
@@ -336,7 +330,7 @@ func call(mach *guest.Machine, prog *guest.Asm, regs kvm.Regs, check func(guest.
 
 func hostSum(m *guestmem.Memory, r guestmem.Region) (uint64, error) {
 	var sum uint64
-	for a := r.GPA; a < r.End(); a += 4096 {
+	for a := r.GPA; a < r.End(); a += page {
 		v, err := m.ReadUint64(a)
 		if err != nil {
 			return 0, err
@@ -356,4 +350,12 @@ func resident(m *guestmem.Memory) (uint64, error) {
 		n += s.Resident
 	}
 	return n, nil
+}
+
+// mib formats n bytes in MiB: whole, or with one decimal (0.5 MiB).
+func mib(n uint64) string {
+	if n%(1<<20) == 0 {
+		return fmt.Sprint(n >> 20)
+	}
+	return fmt.Sprintf("%.1f", float64(n)/(1<<20))
 }

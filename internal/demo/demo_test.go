@@ -2,6 +2,7 @@ package demo_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -35,6 +36,53 @@ func TestRunEveryStep(t *testing.T) {
 	}
 }
 
+// TestRunAtEverySizeClass runs the demo end to end at the smallest size,
+// at sizes whose two regions are uneven (6 MiB: 4 + 2, 10 MiB: 6 + 4), and
+// at the smallest size on hugetlb, where the balloon must be whole 2 MiB
+// pages. Each step's counts are the plan's.
+func TestRunAtEverySizeClass(t *testing.T) {
+	testenv.KVM(t)
+	for _, tc := range []struct {
+		size     uint64
+		backing  guestmem.Backing
+		lock     bool
+		prefault bool
+	}{
+		{demo.MinSize, guestmem.Memfd, false, true},
+		{demo.MinSize, guestmem.Anonymous, true, false},
+		{6 << 20, guestmem.Memfd, true, true},
+		{10 << 20, guestmem.Anonymous, false, true},
+		{demo.MinSize, guestmem.Hugetlb, false, true},
+		{6 << 20, guestmem.Hugetlb, false, true},
+	} {
+		t.Run(fmt.Sprintf("%s/%dM", tc.backing, tc.size>>20), func(t *testing.T) {
+			if tc.backing == guestmem.Hugetlb {
+				testenv.NeedHugetlbPages(t, int(tc.size>>21))
+			}
+			plan, err := demo.NewPlan(tc.size, tc.backing)
+			require.NoError(t, err)
+			fds, maps := testenv.OpenFDs(t), testenv.GuestMappings(t)
+			c := demo.DefaultConfig()
+			c.Size, c.Backing, c.TempDir, c.LockOnFault, c.Prefault = tc.size, tc.backing, t.TempDir(), tc.lock,
+				tc.prefault
+			steps := map[string]string{}
+			rep, err := demo.Run(context.Background(), c, func(s demo.Step) { steps[s.Name] = s.Detail })
+			require.NoError(t, err)
+			require.Len(t, rep.Steps, len(steps))
+			require.Equal(t, plan.Layout, rep.Layout)
+			require.Contains(t, steps["guest writes every page"], fmt.Sprintf("%d pages", plan.Pages))
+			require.Contains(t, steps["guest verifies every page"], "guest and host checksums agree")
+			require.Equal(t, fmt.Sprintf("%d after the guest wrote everything; then %d (%d by the guest, %d by the host)",
+				plan.Pages, plan.DirtyAfter(), plan.GuestDirtyPages(), len(plan.HostDirty)), steps["dirty pages"])
+			require.Contains(t, steps["balloon discard"], "the guest reads zeros there")
+			require.Equal(t, "checksums match", steps["snapshot restore (eager)"])
+			require.Equal(t, "checksums match", steps["snapshot restore (lazy)"])
+			require.Equal(t, fds, testenv.OpenFDs(t), "no fd left behind")
+			require.Equal(t, maps, testenv.GuestMappings(t), "no guest mapping left behind")
+		})
+	}
+}
+
 func TestRunCancelledReleasesEverything(t *testing.T) {
 	testenv.KVM(t)
 	fds, maps := testenv.OpenFDs(t), testenv.GuestMappings(t)
@@ -56,6 +104,9 @@ func TestLayoutHasAHole(t *testing.T) {
 	l, err := demo.Layout(512 << 20)
 	require.NoError(t, err)
 	require.Equal(t, guestmem.Layout{{GPA: 0, Size: 256 << 20}, {GPA: 320 << 20, Size: 256 << 20}}, l)
+	l, err = demo.Layout(6 << 20)
+	require.NoError(t, err)
+	require.Equal(t, guestmem.Layout{{GPA: 0, Size: 4 << 20}, {GPA: 68 << 20, Size: 2 << 20}}, l, "uneven regions")
 	_, err = demo.Layout(3 << 20)
 	require.Error(t, err)
 }
