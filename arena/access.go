@@ -188,37 +188,37 @@ func (m *Mapping) atomicOp(op string, off, size int64, fn func(addr uintptr)) er
 
 // LoadUint32 atomically loads the 4-byte-aligned 32-bit word at off.
 func (m *Mapping) LoadUint32(off int64) (v uint32, err error) {
-	err = m.atomicOp("LoadUint32", off, 4, func(a uintptr) { v = atomic32(a).Load() })
+	err = m.atomicOp("LoadUint32", off, 4, func(a uintptr) { v = atomicLoad32(a) })
 	return v, err
 }
 
 // StoreUint32 atomically stores v into the 4-byte-aligned word at off.
 func (m *Mapping) StoreUint32(off int64, v uint32) error {
-	return m.atomicOp("StoreUint32", off, 4, func(a uintptr) { atomic32(a).Store(v) })
+	return m.atomicOp("StoreUint32", off, 4, func(a uintptr) { atomicStore32(a, v) })
 }
 
 // CompareAndSwapUint32 atomically replaces the 32-bit word at off with newV if
 // it holds old, and reports whether it did.
 func (m *Mapping) CompareAndSwapUint32(off int64, old, newV uint32) (swapped bool, err error) {
-	err = m.atomicOp("CompareAndSwapUint32", off, 4, func(a uintptr) { swapped = atomic32(a).CompareAndSwap(old, newV) })
+	err = m.atomicOp("CompareAndSwapUint32", off, 4, func(a uintptr) { swapped = atomicCAS32(a, old, newV) })
 	return swapped, err
 }
 
 // LoadUint64 atomically loads the 8-byte-aligned 64-bit word at off.
 func (m *Mapping) LoadUint64(off int64) (v uint64, err error) {
-	err = m.atomicOp("LoadUint64", off, 8, func(a uintptr) { v = atomic64(a).Load() })
+	err = m.atomicOp("LoadUint64", off, 8, func(a uintptr) { v = atomicLoad64(a) })
 	return v, err
 }
 
 // StoreUint64 atomically stores v into the 8-byte-aligned word at off.
 func (m *Mapping) StoreUint64(off int64, v uint64) error {
-	return m.atomicOp("StoreUint64", off, 8, func(a uintptr) { atomic64(a).Store(v) })
+	return m.atomicOp("StoreUint64", off, 8, func(a uintptr) { atomicStore64(a, v) })
 }
 
 // CompareAndSwapUint64 atomically replaces the 64-bit word at off with newV if
 // it holds old, and reports whether it did.
 func (m *Mapping) CompareAndSwapUint64(off int64, old, newV uint64) (swapped bool, err error) {
-	err = m.atomicOp("CompareAndSwapUint64", off, 8, func(a uintptr) { swapped = atomic64(a).CompareAndSwap(old, newV) })
+	err = m.atomicOp("CompareAndSwapUint64", off, 8, func(a uintptr) { swapped = atomicCAS64(a, old, newV) })
 	return swapped, err
 }
 

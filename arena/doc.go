@@ -17,7 +17,9 @@
 // touched, and a fault the hardware raises anyway (a PROT_NONE page, a shared
 // file truncated under the mapping) is caught with runtime/debug's
 // SetPanicOnFault and returned as a *FaultError wrapping ErrFault, with the
-// exact number of bytes moved before it.
+// exact number of bytes moved before it. This holds under the race detector
+// too: the atomics are written in assembly, because sync/atomic runs inside
+// the detector's C runtime there, where a fault cannot be recovered.
 //
 // Every error wraps a sentinel (ErrZeroSize, ErrUnaligned, ErrOverflow,
 // ErrOutOfRange, ErrOverlap, ErrNotMapped, ErrBadFD, ErrBadProtection,

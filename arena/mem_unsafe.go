@@ -1,7 +1,6 @@
 package arena
 
 import (
-	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -14,7 +13,9 @@ import (
 // is sound for as long as the mapping exists. Callers guarantee that by holding
 // the owning Mapping's lock (read or write) across the access and by checking
 // the range against the mapping table first; faults that remain possible
-// (PROT_NONE, a truncated file) are caught by catchFault.
+// (PROT_NONE, a truncated file) are caught by catchFault. The atomics on
+// mapped memory dereference raw addresses in assembly instead
+// (atomic_unsafe.go, atomic_amd64.s, atomic_arm64.s), under the same rules.
 
 // pointerAt converts a mapped address into a pointer.
 func pointerAt(addr uintptr) unsafe.Pointer {
@@ -30,18 +31,6 @@ func bytesAt(addr uintptr, n int) []byte {
 	// Safety: [addr, addr+n) was bounds-checked against a live mapping by the
 	// caller, which holds the mapping's lock for the slice's whole lifetime.
 	return unsafe.Slice((*byte)(pointerAt(addr)), n)
-}
-
-// atomic32 returns the naturally aligned 32-bit word at addr.
-func atomic32(addr uintptr) *atomic.Uint32 {
-	// Safety: the caller checked that addr is mapped and 4-byte aligned.
-	return (*atomic.Uint32)(pointerAt(addr))
-}
-
-// atomic64 returns the naturally aligned 64-bit word at addr.
-func atomic64(addr uintptr) *atomic.Uint64 {
-	// Safety: the caller checked that addr is mapped and 8-byte aligned.
-	return (*atomic.Uint64)(pointerAt(addr))
 }
 
 // sysMincore fills vec with the residency of the pages of [addr, addr+n).

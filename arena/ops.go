@@ -213,9 +213,9 @@ func (m *Mapping) touchPages(op string, off, n int64, write bool) error {
 		addr := m.addr + uintptr(pos)
 		if fa, faulted := catchFault(func() {
 			if write {
-				atomic32(addr).Add(0)
+				atomicAdd32(addr, 0)
 			} else {
-				atomic32(addr).Load()
+				atomicLoad32(addr)
 			}
 		}); faulted {
 			return &FaultError{Op: op, Offset: pos, Addr: fa, Done: pos - off}

@@ -40,4 +40,16 @@ func TestPopulateFallbackTouchesEveryPage(t *testing.T) {
 	var fe *FaultError
 	require.ErrorAs(t, err, &fe)
 	require.Equal(t, 2*pageSize, fe.Offset)
+
+	// So is a write touch of a read-only page, which can be read: under
+	// -race the touch once ran in the race detector's C runtime, where this
+	// fault killed the process.
+	ro, err := NewAnon(4*pageSize, WithProtection(ProtRead))
+	require.NoError(t, err)
+	defer ro.Close()
+	require.NoError(t, ro.Populate(0, 4*pageSize, PopulateRead))
+	err = ro.Populate(pageSize, 3*pageSize, PopulateWrite)
+	require.ErrorIs(t, err, ErrFault)
+	require.ErrorAs(t, err, &fe)
+	require.Equal(t, pageSize, fe.Offset)
 }
