@@ -132,67 +132,110 @@ type sample struct {
 
 const notApplicable = -1
 
-// plan checks every flag against the host before anything is allocated,
-// and builds the jobs.
-func (c *BenchCmd) plan(env *Env) (*bench, error) {
+// benchFlags are the flags of a BenchCmd, checked and normalized: names
+// lower-cased and deduplicated, workers resolved.
+type benchFlags struct {
+	workers          int
+	sizes            []Size
+	strategies       []string
+	backings         []string // all of them unless named
+	peers            []string // all of them unless named; none for "none"
+	explicitBackings bool
+	explicitPeers    bool
+}
+
+// Validate checks the flags on their own, before the host is looked at:
+// kong calls it while parsing, so a bad value exits 2.
+func (c *BenchCmd) Validate() error {
+	_, err := c.flags()
+	return err
+}
+
+// flags checks the flags on their own (not against the host) and
+// normalizes them.
+func (c *BenchCmd) flags() (benchFlags, error) {
+	var f benchFlags
 	if c.Runs < 1 {
-		return nil, fmt.Errorf("--runs %d: at least 1 run is needed", c.Runs)
+		return f, fmt.Errorf("--runs %d: at least 1 run is needed", c.Runs)
 	}
 	if c.Warmup < 0 {
-		return nil, fmt.Errorf("--warmup %d: must not be negative", c.Warmup)
+		return f, fmt.Errorf("--warmup %d: must not be negative", c.Warmup)
 	}
-	workers := c.Workers
-	if workers < 0 {
-		return nil, fmt.Errorf("--workers %d: must not be negative", workers)
+	f.workers = c.Workers
+	if f.workers < 0 {
+		return f, fmt.Errorf("--workers %d: must not be negative (0 is one per CPU)", f.workers)
 	}
-	if workers == 0 {
-		workers = runtime.NumCPU()
+	if f.workers == 0 {
+		f.workers = runtime.NumCPU()
 	}
 	if c.Plot != "" {
 		switch strings.ToLower(filepath.Ext(c.Plot)) {
 		case ".svg", ".png":
 		default:
-			return nil, fmt.Errorf("--plot %s: the chart is written as .svg or .png, by the file's extension", c.Plot)
+			return f, fmt.Errorf("--plot %s: the chart is written as .svg or .png, by the file's extension", c.Plot)
 		}
 	}
 	if len(c.Sizes) == 0 {
-		return nil, errors.New("--sizes: no size given")
+		return f, errors.New("--sizes: no size given")
 	}
 	if c.GuestTouch == "on" {
 		if len(slices.DeleteFunc(slices.Clone(c.Sizes), func(s Size) bool { return s <= guestTouchMax })) > 0 {
-			return nil, fmt.Errorf("--guest-touch on: the guest identity-maps %v of guest-physical memory; "+
+			return f, fmt.Errorf("--guest-touch on: the guest identity-maps %v of guest-physical memory; "+
 				"choose --sizes of at most %v", guestTouchMax+4*GiB, guestTouchMax)
 		}
 	}
-	sizes := uniq(c.Sizes)
-	for _, s := range sizes {
+	f.sizes = uniq(c.Sizes)
+	for _, s := range f.sizes {
 		if s == 0 || s%(2*MiB) != 0 {
-			return nil, fmt.Errorf("--sizes: %v is not a positive multiple of 2 MiB", s)
+			return f, fmt.Errorf("--sizes: %v is not a positive multiple of 2 MiB", s)
 		}
 	}
 	if c.HugepageSize == 0 || c.HugepageSize&(c.HugepageSize-1) != 0 || c.HugepageSize < 2*MiB {
-		return nil, fmt.Errorf("--hugepage-size %v: must be a power of two of at least 2 MiB", c.HugepageSize)
+		return f, fmt.Errorf("--hugepage-size %v: must be a power of two of at least 2 MiB", c.HugepageSize)
 	}
-	strategies, err := checkNames("--strategies", c.Strategies, allStrategies)
+	var err error
+	if f.strategies, err = checkNames("--strategies", c.Strategies, allStrategies); err != nil {
+		return f, err
+	}
+	f.explicitBackings = len(c.Backings) > 0
+	f.backings = allBackings
+	if f.explicitBackings {
+		if f.backings, err = checkNames("--backings", c.Backings, allBackings); err != nil {
+			return f, err
+		}
+	}
+	f.explicitPeers = len(c.Peers) > 0
+	f.peers = allPeers
+	if f.explicitPeers && len(c.Peers) == 1 && strings.EqualFold(c.Peers[0], "none") {
+		f.peers = nil
+	} else if f.explicitPeers {
+		if f.peers, err = checkNames("--peers", c.Peers, allPeers); err != nil {
+			return f, err
+		}
+	}
+	if f.explicitPeers && slices.Contains(f.peers, peerGokvm) {
+		for _, s := range f.sizes {
+			if s < gokvmMinSize {
+				return f, fmt.Errorf("--peers gokvm: machine.New needs at least %v of guest RAM, not %v (--sizes)",
+					gokvmMinSize, s)
+			}
+		}
+	}
+	if c.QEMU != "" && !slices.Contains(f.peers, peerQEMU) {
+		return f, fmt.Errorf("--qemu given but the qemu peer is not in --peers %s", strings.Join(c.Peers, ","))
+	}
+	return f, nil
+}
+
+// plan checks every flag against the host before anything is allocated,
+// and builds the jobs.
+func (c *BenchCmd) plan(env *Env) (*bench, error) {
+	f, err := c.flags()
 	if err != nil {
 		return nil, err
 	}
-	explicitBackings := len(c.Backings) > 0
-	backingNames := allBackings
-	if explicitBackings {
-		if backingNames, err = checkNames("--backings", c.Backings, allBackings); err != nil {
-			return nil, err
-		}
-	}
-	explicitPeers := len(c.Peers) > 0
-	peers := allPeers
-	if explicitPeers && len(c.Peers) == 1 && strings.EqualFold(c.Peers[0], "none") {
-		peers = nil
-	} else if explicitPeers {
-		if peers, err = checkNames("--peers", c.Peers, allPeers); err != nil {
-			return nil, err
-		}
-	}
+	workers, sizes, strategies, backingNames, peers := f.workers, f.sizes, f.strategies, f.backings, f.peers
+	explicitBackings, explicitPeers := f.explicitBackings, f.explicitPeers
 	// Populating a guest needs the memory; a lazy guest (strategy none, no
 	// peers) does not, so a 64 GiB guest can be timed on a smaller host.
 	if len(peers) > 0 || slices.ContainsFunc(strategies, func(s string) bool { return s != stratNone }) {
@@ -236,8 +279,6 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 		} else {
 			rep.Host.QEMU = qemuVersion(qemu)
 		}
-	} else if c.QEMU != "" {
-		return fail(fmt.Errorf("--qemu given but the qemu peer is not in --peers %s", strings.Join(c.Peers, ",")))
 	}
 
 	// Backings, per size: hugetlb needs a pool with enough free pages.
@@ -305,10 +346,7 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 			}
 		}
 		if slices.Contains(peers, peerGokvm) {
-			if s < gokvmMinSize {
-				if explicitPeers {
-					return fail(fmt.Errorf("peer gokvm needs at least %v of guest RAM, not %v", gokvmMinSize, s))
-				}
+			if s < gokvmMinSize { // named in --peers, flags refused it
 				note("gokvm skipped at %v: machine.New needs at least %v", s, gokvmMinSize)
 			} else {
 				b.jobs = append(b.jobs, gokvmJob(c.KVMPath, s))

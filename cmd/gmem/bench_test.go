@@ -289,7 +289,7 @@ func TestErrorsAreOneLine(t *testing.T) {
 		{"malformed size", []string{"bench", "--sizes", "4X"}, defaultFakeHost(), exitUsage,
 			[]string{"--sizes", "unknown unit"}},
 		{"decimal units", []string{"bench", "--sizes", "4GB"}, defaultFakeHost(), exitUsage, []string{"write G or GiB"}},
-		{"unaligned size", []string{"bench", "--sizes", "3M"}, defaultFakeHost(), exitError,
+		{"unaligned size", []string{"bench", "--sizes", "3M"}, defaultFakeHost(), exitUsage,
 			[]string{"3MiB is not a positive multiple of 2 MiB"}},
 		{"too large", []string{"bench", "--sizes", "1G,4G"}, small, exitError,
 			[]string{"size 4GiB (4294967296 bytes) is more than", "MemAvailable is 1.0 GiB (1073741824 bytes)"}},
@@ -297,12 +297,12 @@ func TestErrorsAreOneLine(t *testing.T) {
 			exitError, []string{"backing hugetlb unavailable for 64MiB", "0 free pages", "nr_hugepages"}},
 		{"missing QEMU", []string{"bench", "--sizes", "64M", "--peers", "qemu", "--qemu", "/nonexistent/qemu"},
 			defaultFakeHost(), exitError, []string{"QEMU binary /nonexistent/qemu"}},
-		{"unknown backing", []string{"bench", "--backings", "tmpfs"}, defaultFakeHost(), exitError,
+		{"unknown backing", []string{"bench", "--backings", "tmpfs"}, defaultFakeHost(), exitUsage,
 			[]string{`--backings: unknown name "tmpfs"`}},
-		{"bad plot", []string{"bench", "--plot", "x.pdf"}, defaultFakeHost(), exitError, []string{".svg or .png"}},
+		{"bad plot", []string{"bench", "--plot", "x.pdf"}, defaultFakeHost(), exitUsage, []string{".svg or .png"}},
 		{"json and csv", []string{"bench", "--json", "--csv"}, defaultFakeHost(), exitUsage,
 			[]string{"--json and --csv can't be used together"}},
-		{"no runs", []string{"bench", "--runs", "0"}, defaultFakeHost(), exitError, []string{"--runs 0"}},
+		{"no runs", []string{"bench", "--runs", "0"}, defaultFakeHost(), exitUsage, []string{"--runs 0"}},
 		{"bad number", []string{"bench", "--runs", "five"}, defaultFakeHost(), exitUsage, []string{"--runs"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -442,7 +442,7 @@ func TestBenchGuestTouch(t *testing.T) {
 		}
 	}
 	code, _, errs = runGmem(t, context.Background(), "bench", "--sizes", "128G", "--guest-touch", "on")
-	if code != exitError || !strings.Contains(errs, "choose --sizes of at most") {
+	if code != exitUsage || !strings.Contains(errs, "choose --sizes of at most") {
 		t.Fatalf("exit %d: %s", code, errs)
 	}
 }

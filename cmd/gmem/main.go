@@ -97,9 +97,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, root fs.F
 		fmt.Fprintf(stderr, "gmem: internal error: %v\n", err)
 		return exitError
 	}
+	// A wrong command line, including a flag value its command's Validate
+	// refuses, exits 2.
 	kctx, err := parser.Parse(args)
 	if err != nil {
-		fmt.Fprintf(stderr, "gmem: error: %s (see gmem --help)\n", oneLine(err.Error()))
+		fmt.Fprintf(stderr, "gmem: error: %s (see %s)\n", oneLine(err.Error()), helpFor(err))
 		return exitUsage
 	}
 	env := &Env{Ctx: ctx, Stdout: stdout, Stderr: stderr, Root: root, Args: args}
@@ -112,6 +114,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, root fs.F
 		return exitError
 	}
 	return exitOK
+}
+
+// helpFor names the help that covers a parse error: the command's when
+// one was given.
+func helpFor(err error) string {
+	var pe *kong.ParseError
+	if errors.As(err, &pe) && pe.Context != nil {
+		if cmd := strings.Fields(pe.Context.Command()); len(cmd) > 0 {
+			return "gmem " + cmd[0] + " --help"
+		}
+	}
+	return "gmem --help"
 }
 
 // oneLine joins a multi-line message (errors.Join) into one line.

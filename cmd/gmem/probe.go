@@ -23,11 +23,17 @@ type ProbeCmd struct {
 	MeasureSize Size   `default:"64M" placeholder:"SIZE" help:"Bytes populated per backing when timing (default 64M)."`
 }
 
-// Run probes the host and prints the report.
-func (c *ProbeCmd) Run(env *Env) error {
+// Validate checks the flags on their own, before the host is looked at:
+// kong calls it while parsing, so a bad value exits 2.
+func (c *ProbeCmd) Validate() error {
 	if c.MeasureSize < 2*MiB || c.MeasureSize%(2*MiB) != 0 {
 		return fmt.Errorf("--measure-size %v: must be a positive multiple of 2 MiB", c.MeasureSize)
 	}
+	return nil
+}
+
+// Run probes the host and prints the report.
+func (c *ProbeCmd) Run(env *Env) error {
 	if !c.NoMeasure {
 		if err := checkFits(env.Root, c.MeasureSize, "--measure-size"); err != nil {
 			return err

@@ -19,9 +19,22 @@ type RunCmd struct {
 	NoPrefault  bool   `help:"Do not prefault: the guest populates memory as it touches it."`
 	NoHugepages bool   `help:"Do not ask for transparent hugepages."`
 	LockOnFault bool   `help:"Lock guest pages in memory as they are touched (mlock2 MLOCK_ONFAULT)."`
-	Workers     int    `default:"0" placeholder:"N" help:"Prefault workers (default: the number of CPUs)."`
+	Workers     int    `default:"0" placeholder:"N" help:"Prefault workers, 0 for one per CPU (default: the number of CPUs)."`
 	KVMPath     string `name:"kvm" default:"/dev/kvm" placeholder:"PATH" help:"KVM device (default: ${default})."`
 	JSON        bool   `help:"Print the steps as JSON instead of a summary."`
+}
+
+// Validate checks the flags on their own, before the host is looked at:
+// kong calls it while parsing, so a bad value exits 2.
+func (c *RunCmd) Validate() error {
+	if _, err := demo.Layout(uint64(c.Size)); err != nil {
+		return fmt.Errorf("--size %v: must be a multiple of 2 MiB from %v to %v", c.Size, Size(demo.MinSize),
+			Size(demo.MaxSize))
+	}
+	if c.Workers < 0 {
+		return fmt.Errorf("--workers %d: must not be negative (0 is one per CPU)", c.Workers)
+	}
+	return nil
 }
 
 // Run checks the host, runs the demo and prints the summary. Steps are
@@ -41,10 +54,6 @@ func (c *RunCmd) Run(env *Env) error {
 		if why := hugetlbUnavailable(readHugePools(env.Root), 2<<20, c.Size); why != "" {
 			return fmt.Errorf("backing hugetlb is unavailable: %s", why)
 		}
-	}
-	if _, err := demo.Layout(cfg.Size); err != nil {
-		return fmt.Errorf("--size %v: must be a multiple of 2 MiB from %v to %v", c.Size, Size(demo.MinSize),
-			Size(demo.MaxSize))
 	}
 	if err := checkFits(env.Root, c.Size, "--size"); err != nil {
 		return err
