@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // mainEnv makes the test binary run gmem's main instead of the tests, so
@@ -110,6 +112,76 @@ func TestBadCommandLinesExit2(t *testing.T) {
 				help = "(see gmem " + tc.args[0] + " --help)"
 			}
 			require.True(t, strings.HasSuffix(stderr, help+"\n"), "stderr %q does not end with %s", stderr, help)
+		})
+	}
+}
+
+// TestKVMPermissionAdviceFromTheNode opens copies of /dev/kvm (mknod c 10
+// 232) that nobody may not open, through gmem run and gmem probe run as
+// nobody: the advice follows the node's mode and group. No KVM is needed:
+// the permission check comes before the driver.
+func TestKVMPermissionAdviceFromTheNode(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("mknod and running as nobody need root")
+	}
+	dir := t.TempDir()
+	for _, p := range []string{dir, filepath.Dir(dir)} {
+		require.NoError(t, os.Chmod(p, 0o755))
+	}
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	b, err := os.ReadFile(exe)
+	require.NoError(t, err)
+	child := filepath.Join(dir, "gmem.test")
+	require.NoError(t, os.WriteFile(child, b, 0o755))
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+
+	for _, tc := range []struct {
+		name string
+		perm uint32
+		gid  int // a group nobody is not in; 100 is "users" on most systems
+		want []string
+		not  []string
+	}{
+		{"root:root 0600", 0o600, 0, []string{"mode 0600, owner root (uid 0), group root (gid 0)",
+			"its group root may not read and write it (mode 0600)", "groupadd -f -r kvm",
+			`KERNEL=="kvm", GROUP="kvm", MODE="0660"`, "udevadm trigger", "usermod -aG kvm $USER"},
+			[]string{"usermod -aG root"}},
+		{"root:100 0660", 0o660, 100, []string{"mode 0660", "may read and write it: add the user to that group"},
+			[]string{"udev", "groupadd"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			node := filepath.Join(dir, "kvm-"+strings.ReplaceAll(tc.name, " ", "-"))
+			if err := unix.Mknod(node, unix.S_IFCHR, int(unix.Mkdev(10, 232))); err != nil {
+				t.Skipf("cannot make a device node here: %v", err)
+			}
+			require.NoError(t, os.Chown(node, 0, tc.gid))
+			require.NoError(t, os.Chmod(node, os.FileMode(tc.perm)))
+
+			code, stdout, stderr := gmemProcess(t, child, nobody, "run", "--size", "4M", "--kvm", node)
+			require.Equal(t, exitError, code, "stdout %q, stderr %q", stdout, stderr)
+			require.Equal(t, 1, strings.Count(stderr, "\n"), "stderr %q", stderr)
+			require.Contains(t, stderr, "gmem: error: gmem run needs KVM: kvm: permission denied: "+node)
+			for _, w := range tc.want {
+				require.Contains(t, stderr, w)
+			}
+			for _, n := range tc.not {
+				require.NotContains(t, stderr, n)
+			}
+
+			code, stdout, stderr = gmemProcess(t, child, nobody, "probe", "--json", "--no-measure", "--kvm", node)
+			require.Equal(t, exitOK, code, "stderr %q", stderr)
+			var p Probe
+			require.NoError(t, json.Unmarshal([]byte(stdout), &p))
+			require.True(t, p.KVM.Present)
+			require.False(t, p.KVM.Usable)
+			a := adviceWith(&p, "is present but not usable")
+			for _, w := range tc.want {
+				require.Contains(t, a, w)
+			}
+			for _, n := range tc.not {
+				require.NotContains(t, a, n)
+			}
 		})
 	}
 }

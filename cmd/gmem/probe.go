@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"time"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/demo"
 	"github.com/gmem-vmm/gmem/kvm"
 	"golang.org/x/sys/unix"
 )
@@ -222,10 +222,8 @@ func uname() (string, error) {
 // probeKVM opens the KVM device at path and reads its capabilities.
 func probeKVM(path string) KVMReport {
 	r := KVMReport{Path: path}
-	if _, err := os.Stat(path); err == nil {
-		r.Present = true
-	}
-	d, err := kvm.Open(path)
+	r.Present = demo.StatKVMNode(path).Exists
+	d, err := demo.OpenKVM(path)
 	if err != nil {
 		r.Error = err.Error()
 		return r
@@ -348,9 +346,8 @@ func advise(p *Probe) []string {
 	var a []string
 	switch {
 	case !p.KVM.Present:
-		a = append(a, fmt.Sprintf("No %s: guests cannot run here. Load the KVM module for this CPU (modprobe kvm_intel "+
-			"or kvm_amd), or enable nested virtualization if this is a VM. gmem bench will skip KVM registration "+
-			"and the gokvm peer.", p.KVM.Path))
+		a = append(a, fmt.Sprintf("No %s: guests cannot run here. %s. gmem bench will skip KVM registration "+
+			"and the gokvm peer.", p.KVM.Path, demo.KVMAccessAdvice(demo.KVMNode{Path: p.KVM.Path}, demo.Caller{})))
 	case !p.KVM.Usable:
 		a = append(a, fmt.Sprintf("%s is present but not usable: %s", p.KVM.Path, p.KVM.Error))
 	}
