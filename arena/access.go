@@ -3,7 +3,6 @@ package arena
 import (
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 	"syscall"
 )
@@ -66,8 +65,7 @@ func (m *Mapping) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if off == m.size && !m.closed {
 		return 0, io.EOF
 	}
@@ -92,8 +90,7 @@ func (m *Mapping) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess("WriteAt", off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -102,8 +99,7 @@ func (m *Mapping) WriteAt(p []byte, off int64) (int, error) {
 
 // readFixed and writeFixed move one small value with the same checks.
 func (m *Mapping) readFixed(op string, off int64, b []byte) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess(op, off, int64(len(b))); err != nil {
 		return err
 	}
@@ -112,8 +108,7 @@ func (m *Mapping) readFixed(op string, off int64, b []byte) error {
 }
 
 func (m *Mapping) writeFixed(op string, off int64, b []byte) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess(op, off, int64(len(b))); err != nil {
 		return err
 	}
@@ -171,8 +166,7 @@ func (m *Mapping) WriteUint64(off int64, v uint64) error {
 
 // atomicOp runs fn on the naturally aligned size-byte word at off.
 func (m *Mapping) atomicOp(op string, off, size int64, fn func(addr uintptr)) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess(op, off, size); err != nil {
 		return err
 	}
@@ -246,11 +240,12 @@ func (m *Mapping) stream(op string, off, n int64, fn func([]byte) (int, error)) 
 	if n == 0 {
 		return 0, nil
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess(op, off, n); err != nil {
 		return 0, err
 	}
+	m.inCopy.Enter(op) // fn runs user code with mu read-locked
+	defer m.inCopy.Leave()
 	var done int64
 	for done < n {
 		chunk := min(n-done, copyChunk)
@@ -268,7 +263,7 @@ func (m *Mapping) stream(op string, off, n int64, fn func([]byte) (int, error)) 
 			err = io.ErrUnexpectedEOF
 		}
 		if err != nil {
-			return done, fmt.Errorf("arena: %s at offset %#x: %w", op, off+done, err)
+			return done, &OpError{Op: op, Offset: off + done, Length: n - done, Err: err}
 		}
 	}
 	return done, nil
@@ -282,8 +277,7 @@ func (m *Mapping) stream(op string, off, n int64, fn func([]byte) (int, error)) 
 // fault-protected and not synchronised with the guest; prefer ReadAt and
 // WriteAt where a copy is acceptable.
 func (m *Mapping) Bytes(off, n int64) ([]byte, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkAccess("Bytes", off, n); err != nil {
 		return nil, err
 	}

@@ -117,7 +117,9 @@ func (a *Arena) add(op string, off, size int64, anon bool, fd int, fdOff int64, 
 	if err != nil {
 		return err
 	}
-	a.mu.Lock()
+	if err := a.lock(op); err != nil {
+		return err
+	}
 	defer a.mu.Unlock()
 	if err := a.checkRange(op, off, size); err != nil {
 		return err
@@ -136,7 +138,7 @@ func (a *Arena) add(op string, off, size int64, anon bool, fd int, fdOff int64, 
 		if rerr == nil {
 			a.ents.cut(off, size)
 		}
-		return errors.Join(fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, size, err), rerr)
+		return errors.Join(&OpError{Op: op, Offset: off, Length: size, Err: err}, rerr)
 	}
 	a.ents.cut(off, size)
 	a.ents.insert(e)
@@ -150,14 +152,16 @@ func (a *Arena) add(op string, off, size int64, anon bool, fd int, fdOff int64, 
 // mapped; it may cover part of a mapping, which is then split, or several
 // adjacent mappings.
 func (a *Arena) RemoveMapping(offset, size int64) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	const op = "RemoveMapping"
+	if err := a.lock(op); err != nil {
+		return err
+	}
+	defer a.mu.Unlock()
 	if err := a.checkPages(op, offset, size, true); err != nil {
 		return err
 	}
 	if err := a.reserveRange(offset, size); err != nil {
-		return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, offset, size, err)
+		return &OpError{Op: op, Offset: offset, Length: size, Err: err}
 	}
 	a.ents.cut(offset, size)
 	return nil
@@ -201,8 +205,7 @@ type MappingInfo struct {
 // Mappings lists what is mapped, lowest offset first. A mapping that was
 // partly removed or partly re-protected is listed as its pieces.
 func (m *Mapping) Mappings() []MappingInfo {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	out := make([]MappingInfo, len(m.ents))
 	for i, e := range m.ents {
 		out[i] = MappingInfo{Offset: e.off, Size: e.size, Prot: e.prot, Shared: e.shared, Anonymous: e.anon,

@@ -8,6 +8,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/internal/reentry"
 )
 
 // Mapping is a region of the process's address space mapped by this package
@@ -26,6 +28,37 @@ type Mapping struct {
 	reserve Protection // protection of reserved (unmapped) ranges
 	closed  bool
 	ents    table
+	// inCopy records the goroutines running a CopyFrom reader or CopyTo
+	// writer with mu read-locked: their own accesses skip the read lock
+	// (they hold it already, and a second RLock would wait behind a pending
+	// Lock), and their calls that need mu locked fail with ErrReentered.
+	inCopy reentry.Guard
+}
+
+// rlock read-locks mu unless the calling goroutine holds it already inside
+// a copy's callback, and reports which; pass the result to runlock.
+func (m *Mapping) rlock() bool {
+	if _, ok := m.inCopy.Holding(); ok {
+		return false
+	}
+	m.mu.RLock()
+	return true
+}
+
+func (m *Mapping) runlock(locked bool) {
+	if locked {
+		m.mu.RUnlock()
+	}
+}
+
+// lock write-locks mu for op, or fails with ErrReentered when called from a
+// copy's callback on this mapping, which holds mu read-locked.
+func (m *Mapping) lock(op string) error {
+	if err := m.inCopy.Check(op); err != nil {
+		return fmt.Errorf("arena: %w", err)
+	}
+	m.mu.Lock()
+	return nil
 }
 
 // NewAnon maps size bytes of anonymous memory: crosvm's MemoryMapping::new and
@@ -260,7 +293,9 @@ func (m *Mapping) Size() int64 { return m.size }
 // everything mapped in it). It waits for accesses in flight. Calling Close
 // again returns nil; every other method returns ErrClosed afterwards.
 func (m *Mapping) Close() error {
-	m.mu.Lock()
+	if err := m.lock("Close"); err != nil {
+		return err
+	}
 	defer m.mu.Unlock()
 	if m.closed {
 		return nil

@@ -19,13 +19,12 @@ import (
 // rangeCall validates a mapped range under the read lock and runs the
 // syscall call (named name in errors) on its address.
 func (m *Mapping) rangeCall(op, name string, off, n int64, call func(addr uintptr, n int64) syscall.Errno) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkPages(op, off, n, true); err != nil {
 		return err
 	}
 	if errno := call(m.addr+uintptr(off), n); errno != 0 {
-		return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, syscallErr(name, errno))
+		return &OpError{Op: op, Offset: off, Length: n, Err: syscallErr(name, errno)}
 	}
 	return nil
 }
@@ -39,7 +38,7 @@ func (m *Mapping) advise(op string, off, n int64, advice int) error {
 
 func (m *Mapping) madvise(op string, off, n int64, advice int) error {
 	if errno := sysMadvise(m.addr+uintptr(off), n, advice); errno != 0 {
-		return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, syscallErr(adviceName(advice), errno))
+		return &OpError{Op: op, Offset: off, Length: n, Err: syscallErr(adviceName(advice), errno)}
 	}
 	return nil
 }
@@ -59,8 +58,7 @@ func (m *Mapping) Prefetch(off, n int64) error {
 // backing and is faulted back in on the next access. The kernel refuses
 // locked pages: a locked range gives ErrLocked, so Unlock it first.
 func (m *Mapping) DropPageCache(off, n int64) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	const op = "DropPageCache"
 	if err := m.checkPages(op, off, n, true); err != nil {
 		return err
@@ -68,8 +66,8 @@ func (m *Mapping) DropPageCache(off, n int64) error {
 	err := m.madvise(op, off, n, unix.MADV_DONTNEED)
 	if errors.Is(err, unix.EINVAL) {
 		if st, serr := m.statsRange(off, n); serr == nil && st.AnyFlag("lo") {
-			return fmt.Errorf("arena: %s [%#x, +%#x): %w (mlock'd pages cannot be dropped; call Unlock first): %w",
-				op, off, n, ErrLocked, errors.Unwrap(err))
+			return &OpError{Op: op, Offset: off, Length: n, Err: fmt.Errorf(
+				"%w (mlock'd pages cannot be dropped; call Unlock first): %w", ErrLocked, errors.Unwrap(err))}
 		}
 	}
 	return err
@@ -80,8 +78,7 @@ func (m *Mapping) DropPageCache(off, n int64) error {
 // zeros and the backing's blocks are released. It needs a shared mapping; on
 // a private one it returns ErrNotShared (use DropPageCache there).
 func (m *Mapping) RemoveRange(off, n int64) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	const op = "RemoveRange"
 	if err := m.checkPages(op, off, n, true); err != nil {
 		return err
@@ -147,9 +144,11 @@ func (m *Mapping) Unlock(off, n int64) error {
 // Protect changes the protection of the range (mprotect). In an Arena the
 // range must be mapped; reserved ranges keep the reservation's protection.
 func (m *Mapping) Protect(off, n int64, p Protection) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	const op = "Protect"
+	if err := m.lock(op); err != nil {
+		return err
+	}
+	defer m.mu.Unlock()
 	if !p.valid() {
 		return fmt.Errorf("arena: %s: protection %#x: %w", op, int(p), ErrBadProtection)
 	}
@@ -157,7 +156,7 @@ func (m *Mapping) Protect(off, n int64, p Protection) error {
 		return err
 	}
 	if errno := sysMprotect(m.addr+uintptr(off), n, p); errno != 0 {
-		return fmt.Errorf("arena: %s [%#x, +%#x): %w", op, off, n, syscallErr("mprotect", errno))
+		return &OpError{Op: op, Offset: off, Length: n, Err: syscallErr("mprotect", errno)}
 	}
 	m.ents.protect(off, n, p)
 	return nil
@@ -182,8 +181,7 @@ const (
 // word of every page. Running out of memory (or of hugetlb pages) is an
 // error here, never a SIGBUS later.
 func (m *Mapping) Populate(off, n int64, mode PopulateMode) error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	const op = "Populate"
 	if mode != PopulateWrite && mode != PopulateRead {
 		return fmt.Errorf("arena: %s: mode %d: %w", op, mode, ErrBadOption)
@@ -252,8 +250,7 @@ func populateSupported() bool {
 // memory (mincore). Reserved arena ranges report false. The range must be
 // page-aligned.
 func (m *Mapping) Resident(off, n int64) ([]bool, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkPages("Resident", off, n, false); err != nil {
 		return nil, err
 	}

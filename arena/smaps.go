@@ -67,8 +67,7 @@ func (m *Mapping) Stats() (Stats, error) {
 // StatsRange reports /proc/self/smaps figures for the VMAs that intersect the
 // page-aligned range [off, off+n).
 func (m *Mapping) StatsRange(off, n int64) (Stats, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.runlock(m.rlock())
 	if err := m.checkPages("StatsRange", off, n, false); err != nil {
 		return Stats{}, err
 	}
