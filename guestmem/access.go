@@ -13,11 +13,11 @@ import (
 // Errors of access by guest-physical address, wrapped in *AddressError.
 var (
 	// ErrHole: part of the range is not guest RAM (a gap in the layout).
-	ErrHole = errors.New("guestmem: address not in guest RAM")
+	ErrHole = errors.New("address not in guest RAM")
 	// ErrAddressOverflow: address + length overflows 64 bits.
-	ErrAddressOverflow = errors.New("guestmem: address plus length overflows")
+	ErrAddressOverflow = errors.New("address plus length overflows")
 	// ErrSpansRegions: a zero-copy slice was asked across a region boundary.
-	ErrSpansRegions = errors.New("guestmem: range spans more than one region")
+	ErrSpansRegions = errors.New("range spans more than one region")
 )
 
 // AddressError reports a guest-physical range that could not be accessed.
@@ -36,6 +36,67 @@ func (e *AddressError) Error() string {
 
 // Unwrap returns the sentinel.
 func (e *AddressError) Unwrap() error { return e.Err }
+
+// ErrFault is wrapped by the error of an access that faulted: a page of a
+// File backing past the end of its truncated file (SIGBUS), or a page the
+// host cannot reach. It is arena.ErrFault, so errors.Is matches either.
+var ErrFault = arena.ErrFault
+
+// ErrLocked is wrapped by the error of a call that cannot apply to pages
+// locked by LockOnFault (Discard, DropPageCache): Unlock them first. It is
+// arena.ErrLocked.
+var ErrLocked = arena.ErrLocked
+
+// inGuestTerms turns an error of the arena about piece pc into an
+// *AddressError of op naming the guest-physical address at fault: a range
+// the arena refused (a misaligned atomic), a fault part way (at the
+// faulting page), or a syscall that failed on the piece. Errors that are not
+// about memory (a writer's own error) keep their cause under the address.
+func (pc piece) inGuestTerms(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	ae := &AddressError{Op: op, GPA: pc.gpa, Len: uint64(pc.n), Err: err}
+	var re *arena.RangeError
+	var fe *arena.FaultError
+	var oe *arena.OpError
+	switch {
+	case errors.As(err, &re):
+		ae.GPA, ae.Len, ae.Err = pc.gpa+GuestAddress(re.Offset-pc.off), uint64(re.Length), re.Err
+		if errors.Is(re.Err, arena.ErrUnaligned) { // a misaligned atomic
+			ae.Err = &alias{ours: ErrUnaligned, cause: re.Err}
+		}
+	case errors.As(err, &fe):
+		ae.GPA, ae.Err = pc.gpa+GuestAddress(fe.Offset-pc.off), &faultCause{fe}
+	case errors.As(err, &oe):
+		ae.GPA, ae.Len, ae.Err = pc.gpa+GuestAddress(oe.Offset-pc.off), uint64(oe.Length), oe.Err
+	}
+	return ae
+}
+
+// alias is an arena error that also answers errors.Is for guestmem's
+// sentinel of the same meaning; it reads as the arena's.
+type alias struct{ ours, cause error }
+
+func (a *alias) Error() string   { return a.cause.Error() }
+func (a *alias) Unwrap() []error { return []error{a.ours, a.cause} }
+
+// faultCause is an arena fault said in guest terms: what faulted is named
+// by the AddressError around it, so only the cause and the host address
+// remain.
+type faultCause struct{ fe *arena.FaultError }
+
+func (f *faultCause) Error() string {
+	msg := fmt.Sprintf("%v at host address %#x after %d bytes", arena.ErrFault, f.fe.Addr, f.fe.Done)
+	if f.fe.Err != nil {
+		msg += ": " + f.fe.Err.Error()
+	}
+	return msg
+}
+
+// Unwrap returns the arena's fault: errors.Is(err, ErrFault) and
+// errors.As(err, **arena.FaultError) both hold.
+func (f *faultCause) Unwrap() error { return f.fe }
 
 // piece is the part of a guest range that falls in one region.
 type piece struct {
@@ -116,7 +177,7 @@ func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, erro
 		}
 		done += n
 		if err != nil {
-			return done, fmt.Errorf("guestmem: %s at %v: %w", op, GuestAddress(off+int64(done)), err)
+			return done, pc.inGuestTerms(op, err)
 		}
 	}
 	return done, nil
@@ -168,7 +229,7 @@ func (m *Memory) one(op string, a GuestAddress, n uint64, write bool, fn func(ar
 	if write && err == nil {
 		t.markDirty(pieces[0], pieces[0].n)
 	}
-	return err
+	return pieces[0].inGuestTerms(op, err)
 }
 
 // ReadUint64 reads the little-endian 64-bit value at a.
@@ -279,7 +340,7 @@ func (t *table) copyTo(op string, w io.Writer, a GuestAddress, n uint64) (int64,
 		k, err := pc.a.CopyTo(w, pc.off, pc.n)
 		done += k
 		if err != nil {
-			return done, err
+			return done, pc.inGuestTerms(op, err)
 		}
 	}
 	return done, nil
@@ -305,7 +366,7 @@ func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) 
 		t.markDirty(pc, k)
 		done += k
 		if err != nil {
-			return done, err
+			return done, pc.inGuestTerms("CopyFrom", err)
 		}
 	}
 	return done, nil

@@ -13,7 +13,7 @@ import (
 
 // ErrNotTracking is returned by CollectDirty and incremental saves while
 // dirty tracking is off.
-var ErrNotTracking = errors.New("guestmem: dirty tracking is off")
+var ErrNotTracking = errors.New("dirty tracking is off")
 
 // dirtyPage is the granularity of dirty tracking: KVM logs 4 KiB pages.
 const dirtyPage = 4096

@@ -8,7 +8,7 @@ import (
 )
 
 // ErrReadOnly is returned by Discard for a range in a read-only region.
-var ErrReadOnly = errors.New("guestmem: region is read-only")
+var ErrReadOnly = errors.New("region is read-only")
 
 // Discard returns the guest pages [a, a+n) to the host, as a balloon device
 // does: memfd and hugetlb backings get a hole punched (MADV_REMOVE), so the
@@ -50,7 +50,7 @@ func (m *Memory) Discard(a GuestAddress, n uint64) error {
 		}
 		st, err := pc.a.StatsRange(pc.off, pc.n)
 		if err != nil {
-			return fmt.Errorf("guestmem: %s at %v: %w", op, pc.gpa, err)
+			return pc.inGuestTerms(op, err)
 		}
 		if st.AnyFlag("lo") {
 			return &AddressError{Op: op, GPA: pc.gpa, Len: n,
@@ -73,7 +73,7 @@ func (m *Memory) Discard(a GuestAddress, n uint64) error {
 		}
 		t.markDirty(pc, pc.n)
 		if err != nil {
-			return fmt.Errorf("guestmem: %s at %v: %w", op, pc.gpa, err)
+			return pc.inGuestTerms(op, err)
 		}
 	}
 	return nil

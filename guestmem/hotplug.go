@@ -15,11 +15,11 @@ import (
 
 // ErrHotplugSpace is returned by AddRegion when a memfd or hugetlb backing
 // has no room left for the region (see WithHotplug).
-var ErrHotplugSpace = errors.New("guestmem: no hotplug space left in the backing")
+var ErrHotplugSpace = errors.New("no hotplug space left in the backing")
 
 // ErrNoRegion is returned by RemoveRegion for an address that does not start
 // a region.
-var ErrNoRegion = errors.New("guestmem: no region starts at this address")
+var ErrNoRegion = errors.New("no region starts at this address")
 
 // maxHotplug bounds WithHotplug: the memfd is sized for it up front (sparse).
 const maxHotplug = 1 << 46
@@ -99,7 +99,7 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		if errors.As(err, &le) && le.Index != len(l)-1 && le.Other == len(l)-1 {
 			le.Index, le.Other, le.Region = le.Other, le.Index, spec // name the new region first
 		}
-		return Region{}, fmt.Errorf("guestmem: AddRegion: %w", err)
+		return Region{}, withOp("AddRegion", err)
 	}
 	align := max(uint64(hostAlign), m.pageSize)
 	r := Region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1,
@@ -123,7 +123,7 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		return fail(fmt.Errorf("guestmem: AddRegion: reserving host address space: %w", err))
 	}
 	r.host = a
-	if err := m.mapRegion(&r); err != nil {
+	if err := m.mapRegion("AddRegion", &r); err != nil {
 		return fail(errors.Join(err, a.Close()))
 	}
 	if m.tracking {

@@ -34,15 +34,16 @@ type Layout []RegionSpec
 // Errors of layout validation. Each is wrapped in a *LayoutError that names
 // the region at fault.
 var (
-	ErrEmptyLayout = errors.New("guestmem: layout has no regions")
-	ErrZeroSize    = errors.New("guestmem: region has zero size")
-	ErrUnaligned   = errors.New("guestmem: region address or size not page-aligned")
-	ErrOverlap     = errors.New("guestmem: regions overlap")
-	ErrOverflow    = errors.New("guestmem: region extends past the top of the guest address space")
+	ErrEmptyLayout = errors.New("layout has no regions")
+	ErrZeroSize    = errors.New("region has zero size")
+	ErrUnaligned   = errors.New("address or size not aligned")
+	ErrOverlap     = errors.New("regions overlap")
+	ErrOverflow    = errors.New("region extends past the top of the guest address space")
 )
 
 // LayoutError reports which region of a layout is invalid and why.
 type LayoutError struct {
+	Op     string     // the call that was given the layout, if not New
 	Index  int        // index of the region in the layout as given
 	Region RegionSpec // the region
 	Other  int        // for ErrOverlap, the index of the region it overlaps; -1 otherwise
@@ -50,7 +51,11 @@ type LayoutError struct {
 }
 
 func (e *LayoutError) Error() string {
-	msg := fmt.Sprintf("guestmem: region %d [%v, +%#x): %v", e.Index, e.Region.GPA, e.Region.Size, e.Err)
+	op := ""
+	if e.Op != "" {
+		op = e.Op + ": "
+	}
+	msg := fmt.Sprintf("guestmem: %sregion %d [%v, +%#x): %v", op, e.Index, e.Region.GPA, e.Region.Size, e.Err)
 	if e.Other >= 0 {
 		msg += fmt.Sprintf(" (region %d)", e.Other)
 	}
@@ -64,7 +69,7 @@ func (e *LayoutError) Unwrap() error { return e.Err }
 // such as a hugetlb page size) and the top of the guest address space.
 func (l Layout) Validate(align uint64, top GuestAddress) error {
 	if len(l) == 0 {
-		return ErrEmptyLayout
+		return fmt.Errorf("guestmem: %w", ErrEmptyLayout)
 	}
 	bad := func(i int, err error) error { return &LayoutError{Index: i, Region: l[i], Other: -1, Err: err} }
 	for i, r := range l {

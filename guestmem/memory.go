@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -99,16 +100,16 @@ func WithName(name string) Option { return func(c *config) { c.name = name } }
 // ErrBacking is returned for a backing that cannot be set up as asked: an
 // unknown backing, a hugetlb page size the host does not offer, or a file
 // too small for the layout.
-var ErrBacking = errors.New("guestmem: backing unavailable")
+var ErrBacking = errors.New("backing unavailable")
 
 // ErrBadOption is returned for an option value New cannot use.
-var ErrBadOption = errors.New("guestmem: invalid option")
+var ErrBadOption = errors.New("invalid option")
 
 // maxGuardGap bounds WithGuardGap: a terabyte of address space per gap.
 const maxGuardGap = 1 << 40
 
 // ErrClosed is returned by every call on a Memory after Close.
-var ErrClosed = errors.New("guestmem: use of closed guest memory")
+var ErrClosed = errors.New("use of closed guest memory")
 
 // hostAlign is the alignment of regions in the host address space and in the
 // memfd: 2 MiB, so transparent and shmem hugepages can back whole regions.
@@ -201,6 +202,31 @@ func (m *Memory) peek(fn func()) {
 	fn()
 }
 
+// withOp names op in err: a typed error of this package gets op in its Op
+// field, an error that already speaks for the package is kept as it is, and
+// any other is prefixed "guestmem: op: " — one package prefix per message.
+func withOp(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	switch e := err.(type) {
+	case *LayoutError:
+		if e.Op == "" {
+			e.Op = op
+		}
+		return e
+	case *SnapshotError:
+		if e.Op == "" {
+			e.Op = op
+		}
+		return e
+	}
+	if strings.HasPrefix(err.Error(), "guestmem: ") {
+		return err
+	}
+	return fmt.Errorf("guestmem: %s: %w", op, err)
+}
+
 func closedErr(op string) error { return fmt.Errorf("guestmem: %s: %w", op, ErrClosed) }
 
 // New lays out guest RAM as l, backs it and maps it. Every region is
@@ -216,7 +242,7 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	pageSize := uint64(os.Getpagesize())
 	if c.backing == Hugetlb {
 		if c.hugeSize == 0 || bits.OnesCount64(c.hugeSize) != 1 || c.hugeSize < pageSize {
-			return nil, fmt.Errorf("%w: hugetlb page size %#x", ErrBacking, c.hugeSize)
+			return nil, fmt.Errorf("guestmem: New: %w: hugetlb page size %#x", ErrBacking, c.hugeSize)
 		}
 		pageSize = c.hugeSize
 	}
@@ -228,7 +254,7 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 
 	align := max(uint64(hostAlign), pageSize)
 	if c.guard > maxGuardGap {
-		return nil, fmt.Errorf("guestmem: guard gap %#x exceeds %#x: %w", c.guard, uint64(maxGuardGap), ErrBadOption)
+		return nil, fmt.Errorf("guestmem: New: guard gap %#x exceeds %#x: %w", c.guard, uint64(maxGuardGap), ErrBadOption)
 	}
 	guard := alignUp(c.guard, align)
 	regions := make([]Region, len(specs))
@@ -243,11 +269,11 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 		arenaCursor = alignUp(arenaCursor+s.Size, align) + guard
 	}
 	if c.hotplug > maxHotplug {
-		return nil, fmt.Errorf("guestmem: hotplug space %#x exceeds %#x: %w", c.hotplug, uint64(maxHotplug), ErrBadOption)
+		return nil, fmt.Errorf("guestmem: New: hotplug space %#x exceeds %#x: %w", c.hotplug, uint64(maxHotplug), ErrBadOption)
 	}
 	hot := alignUp(c.hotplug, align)
 	if hot > 0 && c.backing == File {
-		return nil, fmt.Errorf("%w: a File backing cannot hot-add regions (WithHotplug)", ErrBacking)
+		return nil, fmt.Errorf("guestmem: New: %w: a File backing cannot hot-add regions (WithHotplug)", ErrBacking)
 	}
 	m := &Memory{backing: c.backing, pageSize: pageSize, fd: -1, fdSize: int64(fdCursor + hot),
 		guard: guard, noTHP: c.noTHP, top: c.top}
@@ -260,12 +286,12 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	}
 	a, err := arena.New(int64(arenaCursor), arena.ArenaAlign(int64(align)))
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("guestmem: reserving host address space: %w", err), m.closeFD())
+		return nil, errors.Join(fmt.Errorf("guestmem: New: reserving host address space: %w", err), m.closeFD())
 	}
 	m.arena = a
 	for i := range regions {
 		regions[i].host = a
-		if err := m.mapRegion(&regions[i]); err != nil {
+		if err := m.mapRegion("New", &regions[i]); err != nil {
 			return nil, errors.Join(err, m.Close())
 		}
 	}
@@ -286,38 +312,38 @@ func (m *Memory) open(c config) error {
 		}
 		fd, err := unix.MemfdCreate(c.name, flags)
 		if err != nil {
-			return fmt.Errorf("%w: %w", ErrBacking, os.NewSyscallError("memfd_create", err))
+			return fmt.Errorf("guestmem: New: %w: %w", ErrBacking, os.NewSyscallError("memfd_create", err))
 		}
 		m.fd = fd
 		if err := unix.Ftruncate(fd, m.fdSize); err != nil {
-			return errors.Join(fmt.Errorf("%w: sizing memfd to %#x: %w", ErrBacking, m.fdSize,
+			return errors.Join(fmt.Errorf("guestmem: New: %w: sizing memfd to %#x: %w", ErrBacking, m.fdSize,
 				os.NewSyscallError("ftruncate", err)), m.closeFD())
 		}
 		seals := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL
 		if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, seals); err != nil {
-			return errors.Join(fmt.Errorf("guestmem: sealing memfd: %w", os.NewSyscallError("fcntl", err)), m.closeFD())
+			return errors.Join(fmt.Errorf("guestmem: New: sealing memfd: %w", os.NewSyscallError("fcntl", err)), m.closeFD())
 		}
 		return nil
 	case File:
 		if c.file == nil {
-			return fmt.Errorf("%w: File backing needs WithFile", ErrBacking)
+			return fmt.Errorf("guestmem: New: %w: File backing needs WithFile", ErrBacking)
 		}
 		fd, err := unix.Dup(int(c.file.Fd()))
 		if err != nil {
-			return fmt.Errorf("%w: %w", ErrBacking, os.NewSyscallError("dup", err))
+			return fmt.Errorf("guestmem: New: %w: %w", ErrBacking, os.NewSyscallError("dup", err))
 		}
 		m.fd = fd
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
-			return errors.Join(os.NewSyscallError("fstat", err), m.closeFD())
+			return errors.Join(fmt.Errorf("guestmem: New: %w", os.NewSyscallError("fstat", err)), m.closeFD())
 		}
 		if st.Size < m.fdSize {
-			return errors.Join(fmt.Errorf("%w: file has %d bytes, the layout needs %d", ErrBacking, st.Size, m.fdSize),
+			return errors.Join(fmt.Errorf("guestmem: New: %w: file has %d bytes, the layout needs %d", ErrBacking, st.Size, m.fdSize),
 				m.closeFD())
 		}
 		return nil
 	}
-	return fmt.Errorf("%w: %v", ErrBacking, c.backing)
+	return fmt.Errorf("guestmem: New: %w: %v", ErrBacking, c.backing)
 }
 
 // FileSize returns the size of file a File backing needs for layout l (with
@@ -342,8 +368,8 @@ func (m *Memory) closeFD() error {
 	return nil
 }
 
-// mapRegion maps r into its arena and applies the defaults.
-func (m *Memory) mapRegion(r *Region) error {
+// mapRegion maps r into its arena and applies the defaults, for op.
+func (m *Memory) mapRegion(op string, r *Region) error {
 	var err error
 	size := int64(r.Size)
 	switch m.backing {
@@ -359,12 +385,13 @@ func (m *Memory) mapRegion(r *Region) error {
 	default:
 		err = r.host.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
 	}
+	whole := piece{a: r.host, off: r.ArenaOffset, n: size, gpa: r.GPA}
 	if err != nil {
-		return fmt.Errorf("guestmem: mapping region at %v: %w", r.GPA, err)
+		return whole.inGuestTerms(op, err)
 	}
 	r.HostAddr = r.host.Addr() + uintptr(r.ArenaOffset)
 	if err := m.applyDefaults(r.host, r.ArenaOffset, size); err != nil {
-		return fmt.Errorf("guestmem: region at %v: %w", r.GPA, err)
+		return whole.inGuestTerms(op, err)
 	}
 	return nil
 }

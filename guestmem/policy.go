@@ -60,7 +60,7 @@ func (m *Memory) each(op string, spans []Span, fn func(a *arena.Arena, off, n in
 	}
 	for _, pc := range pieces {
 		if err := fn(pc.a, pc.off, pc.n); err != nil {
-			return fmt.Errorf("guestmem: %s: region at %v: %w", op, t.regions[pc.region].GPA, err)
+			return pc.inGuestTerms(op, err)
 		}
 	}
 	return nil
@@ -77,7 +77,7 @@ func (m *Memory) Prefetch(spans ...Span) error {
 // would read back as zeros (anonymous memory) or as the file's old contents
 // (a File backing, lazily restored memory). Discard gives pages back on
 // purpose.
-var ErrDataLoss = errors.New("guestmem: the call would lose guest data")
+var ErrDataLoss = errors.New("the call would lose guest data")
 
 // DropPageCache drops the host mapping's pages of the spans (the whole guest
 // if none) with MADV_DONTNEED, releasing this process's page-table and
@@ -181,16 +181,14 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 
 	// Cut every piece into chunks that end on chunk-aligned arena offsets
 	// (arena offsets of regions are 2 MiB aligned, so chunks are too).
-	type job struct {
-		a      *arena.Arena
-		off, n int64
-	}
+	type job piece
 	var jobs []job
 	var total uint64
 	for _, pc := range pieces {
 		for off, end := pc.off, pc.off+pc.n; off < end; {
 			next := min(end, (off/int64(chunk)+1)*int64(chunk))
-			jobs = append(jobs, job{pc.a, off, next - off})
+			jobs = append(jobs, job{region: pc.region, a: pc.a, off: off, n: next - off,
+				gpa: pc.gpa + GuestAddress(off-pc.off)})
 			off = next
 		}
 		total += uint64(pc.n)
@@ -219,7 +217,7 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 				}
 				j := jobs[i]
 				if err := j.a.Populate(j.off, j.n, arena.PopulateWrite); err != nil {
-					fail(fmt.Errorf("guestmem: Prefault: %w", err))
+					fail(piece(j).inGuestTerms("Prefault", err))
 					return
 				}
 				// Count and report under one lock, so reports never go backwards.

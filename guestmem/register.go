@@ -10,8 +10,8 @@ import (
 // ErrRegistered is returned by Register on memory already registered, and
 // ErrNotRegistered by Unregister on memory that is not.
 var (
-	ErrRegistered    = errors.New("guestmem: already registered with a VM")
-	ErrNotRegistered = errors.New("guestmem: not registered with a VM")
+	ErrRegistered    = errors.New("already registered with a VM")
+	ErrNotRegistered = errors.New("not registered with a VM")
 )
 
 // registration is the VM the memory is registered with and the slot of each
@@ -81,7 +81,7 @@ func (m *Memory) Register(vm *kvm.VM) error {
 	}
 	cancel, err := vm.OnClose(func() { m.vmClosing(vm) })
 	if err != nil {
-		return fmt.Errorf("guestmem: Register: %w", err)
+		return withOp("Register", err)
 	}
 	m.reg = &registration{vm: vm, slots: make(map[GuestAddress]uint32, len(t.regions)), cancel: cancel}
 	for _, r := range t.regions {

@@ -357,10 +357,11 @@ func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory,
 		return nil
 	}()
 	if err != nil {
+		err = withOp("Restore", err)
 		if m != nil {
 			err = errors.Join(err, m.Close())
 		}
-		return nil, fmt.Errorf("guestmem: Restore: %w", err)
+		return nil, err
 	}
 	m.snap = snapState{id: prev.ID, layout: prev.Layout}
 	return m, nil
@@ -525,7 +526,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	for i, f := range files {
 		st, err := f.Stat()
 		if err != nil {
-			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+			return nil, withOp("RestoreLazy", err)
 		}
 		sr := &snapReader{r: io.NewSectionReader(f, 0, st.Size()), stream: i, index: index}
 		var all []entry
@@ -564,7 +565,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 			prev = &info
 		}
 		if err != nil {
-			return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+			return nil, withOp("RestoreLazy", err)
 		}
 		index = sr.index + 1
 		mappings += len(all)
@@ -576,7 +577,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	}
 	m, err := New(prev.Layout, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("guestmem: RestoreLazy: %w", err)
+		return nil, withOp("RestoreLazy", err)
 	}
 	m.overlay = true
 	t := m.tab.Load()
@@ -598,11 +599,11 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 				if err == nil {
 					err = m.applyDefaults(pc.a, pc.off, pc.n)
 				}
+				err = pc.inGuestTerms("RestoreLazy", err)
 				at += pc.n
 			}
 			if err != nil {
-				return nil, errors.Join(fmt.Errorf("guestmem: RestoreLazy: mapping [%v, +%#x): %w", e.gpa, e.n, err),
-					m.Close())
+				return nil, errors.Join(err, m.Close())
 			}
 		}
 	}

@@ -28,35 +28,40 @@ const SnapshotVersion = 1
 // the stream itself is a *SnapshotError wrapping one of them.
 var (
 	// ErrSnapshotFormat: not a snapshot, or a block is malformed.
-	ErrSnapshotFormat = errors.New("guestmem: malformed snapshot")
+	ErrSnapshotFormat = errors.New("malformed snapshot")
 	// ErrSnapshotVersion: a version this package does not read.
-	ErrSnapshotVersion = errors.New("guestmem: unknown snapshot version")
+	ErrSnapshotVersion = errors.New("unknown snapshot version")
 	// ErrSnapshotChecksum: a block or payload does not match its checksum.
-	ErrSnapshotChecksum = errors.New("guestmem: snapshot checksum mismatch")
+	ErrSnapshotChecksum = errors.New("snapshot checksum mismatch")
 	// ErrSnapshotTruncated: the stream ends before its end block.
-	ErrSnapshotTruncated = errors.New("guestmem: snapshot truncated")
+	ErrSnapshotTruncated = errors.New("snapshot truncated")
 	// ErrSnapshotLayout: a record lies outside the snapshot's layout, or an
 	// incremental snapshot's layout differs from its base's.
-	ErrSnapshotLayout = errors.New("guestmem: snapshot layout mismatch")
+	ErrSnapshotLayout = errors.New("snapshot layout mismatch")
 	// ErrSnapshotChain: the first snapshot is incremental, a later one is not,
 	// or an incremental one was taken on another base.
-	ErrSnapshotChain = errors.New("guestmem: snapshot chain broken")
+	ErrSnapshotChain = errors.New("snapshot chain broken")
 	// ErrNeedFullSave: an incremental Save is impossible — no earlier Save,
 	// dirty tracking was not on continuously since it, or the layout changed
 	// (hotplug) since.
-	ErrNeedFullSave = errors.New("guestmem: incremental save needs a full save first")
+	ErrNeedFullSave = errors.New("incremental save needs a full save first")
 )
 
 // SnapshotError reports a problem with a snapshot stream.
 type SnapshotError struct {
-	Stream int   // which reader (or file) of the call, from 0
+	Op     string // Restore, RestoreLazy or Verify
+	Stream int    // which reader (or file) of the call, from 0
 	Index  int   // which snapshot of the chain (0: the base), counted across streams
 	Offset int64 // byte offset in that stream of the block at fault
 	Err    error // a sentinel, possibly wrapping detail
 }
 
 func (e *SnapshotError) Error() string {
-	return fmt.Sprintf("guestmem: snapshot %d (stream %d) at byte %d: %v", e.Index, e.Stream, e.Offset, e.Err)
+	op := e.Op
+	if op == "" {
+		op = "Verify"
+	}
+	return fmt.Sprintf("guestmem: %s: snapshot %d (stream %d) at byte %d: %v", op, e.Index, e.Stream, e.Offset, e.Err)
 }
 
 // Unwrap returns the cause.
@@ -185,7 +190,7 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 		h.regions = append(h.regions, RegionSpec{GPA: r.GPA, Size: r.Size, ReadOnly: r.ReadOnly})
 	}
 	if _, err := rand.Read(h.id[:]); err != nil {
-		return SaveStats{}, fmt.Errorf("guestmem: Save: %w", err)
+		return SaveStats{}, withOp("Save", err)
 	}
 	// dirty is what this Save takes out of the dirty set: the pages an
 	// increment writes, or (a full Save) the pages the next increment need
@@ -232,7 +237,7 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 		if dirty != nil {
 			t.remark(dirty)
 		}
-		return sw.stats, fmt.Errorf("guestmem: Save: %w", err)
+		return sw.stats, withOp("Save", err)
 	}
 	m.snap = snapState{id: h.id, layout: h.regions, tracked: m.tracking}
 	sw.stats.Duration = time.Since(start)
