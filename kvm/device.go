@@ -5,12 +5,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/user"
 	"sync"
 	"syscall"
 
 	gokvm "github.com/bobuhiro11/gokvm/kvm"
-	"golang.org/x/sys/unix"
 )
 
 // DefaultPath is the KVM device node.
@@ -47,7 +45,7 @@ func Open(path string) (*Device, error) {
 			// Any file that is not /dev/kvm: a regular file, a pipe, another
 			// character device such as /dev/null.
 			return nil, fmt.Errorf("%w: %s is not a KVM device (%v); the KVM device is %s, character device 10:232",
-				ErrNoDevice, path, describeNode(path), DefaultPath)
+				ErrNoDevice, path, StatNode(path), DefaultPath)
 		}
 		return nil, fmt.Errorf("kvm: %s: %w", path, ioctlErr("KVM_GET_API_VERSION", err))
 	}
@@ -61,44 +59,18 @@ func Open(path string) (*Device, error) {
 func openError(path string, err error) error {
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("%w: %s does not exist: load the kvm module for this CPU (modprobe kvm_intel or kvm_amd), "+
-			"or enable nested virtualization if this is a VM", ErrNoDevice, path)
+		return fmt.Errorf("%w: %s", ErrNoDevice, AccessAdvice(Node{Path: path}, Caller{}))
 	case errors.Is(err, syscall.ENODEV), errors.Is(err, syscall.ENXIO):
 		return fmt.Errorf("%w: %s exists but no KVM driver is bound to it (%v): load kvm_intel or kvm_amd", ErrNoDevice,
 			path, err)
 	case errors.Is(err, syscall.EISDIR):
 		return fmt.Errorf("%w: %s is a directory, not the KVM device (%s)", ErrNoDevice, path, DefaultPath)
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("%w: %s must be readable and writable by this process: add the user to the group that "+
-			"owns it (usually kvm: usermod -aG kvm $USER, then log in again) or run as root; it is %s",
-			ErrPermission, path, describeNode(path))
+		n := StatNode(path)
+		return fmt.Errorf("%w: %s (%v) must be readable and writable by this process: %s", ErrPermission, path, n,
+			AccessAdvice(n, ThisProcess()))
 	}
 	return fmt.Errorf("kvm: opening %s: %w", path, err)
-}
-
-func describeNode(path string) string {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return "not stat-able: " + err.Error()
-	}
-	group := fmt.Sprint(st.Gid)
-	if g, err := user.LookupGroupId(group); err == nil {
-		group = g.Name
-	}
-	kind := "file"
-	switch st.Mode & unix.S_IFMT {
-	case unix.S_IFCHR:
-		kind = fmt.Sprintf("character device %d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
-	case unix.S_IFBLK:
-		kind = "block device"
-	case unix.S_IFDIR:
-		kind = "directory"
-	case unix.S_IFIFO:
-		kind = "pipe"
-	case unix.S_IFSOCK:
-		kind = "socket"
-	}
-	return fmt.Sprintf("%s, mode %v, owner uid %d, group %s", kind, fs.FileMode(st.Mode&0o777), st.Uid, group)
 }
 
 // Path returns the device path.

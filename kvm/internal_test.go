@@ -208,8 +208,8 @@ func TestDecodeOtherExits(t *testing.T) {
 
 func TestOpenErrors(t *testing.T) {
 	err := openError("/dev/kvm", &fs.PathError{Op: "open", Path: "/dev/kvm", Err: syscall.EACCES})
-	if !errors.Is(err, ErrPermission) || !strings.Contains(err.Error(), "usermod -aG kvm") ||
-		!strings.Contains(err.Error(), "/dev/kvm") {
+	// The advice follows the node as it is (TestAccessAdvice has the cases).
+	if !errors.Is(err, ErrPermission) || !strings.Contains(err.Error(), "/dev/kvm") {
 		t.Fatalf("EACCES: %v", err)
 	}
 	for _, errno := range []syscall.Errno{syscall.ENOENT, syscall.ENODEV, syscall.ENXIO, syscall.EISDIR} {

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
-	"github.com/gmem-vmm/gmem/internal/demo"
 	"github.com/gmem-vmm/gmem/kvm"
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
@@ -253,7 +252,7 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 	note := func(format string, args ...any) { rep.Notes = append(rep.Notes, fmt.Sprintf(format, args...)) }
 
 	// KVM: slot registration and the gokvm peer need it.
-	if d, err := demo.OpenKVM(c.KVMPath); err == nil {
+	if d, err := kvm.Open(c.KVMPath); err == nil {
 		b.kvm = d
 	} else {
 		if explicitPeers && slices.Contains(peers, peerGokvm) {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/arena"
-	"github.com/gmem-vmm/gmem/internal/demo"
 	"github.com/gmem-vmm/gmem/kvm"
 	"golang.org/x/sys/unix"
 )
@@ -222,8 +221,8 @@ func uname() (string, error) {
 // probeKVM opens the KVM device at path and reads its capabilities.
 func probeKVM(path string) KVMReport {
 	r := KVMReport{Path: path}
-	r.Present = demo.StatKVMNode(path).Exists
-	d, err := demo.OpenKVM(path)
+	r.Present = kvm.StatNode(path).Exists
+	d, err := kvm.Open(path)
 	if err != nil {
 		r.Error = err.Error()
 		return r
@@ -347,7 +346,7 @@ func advise(p *Probe) []string {
 	switch {
 	case !p.KVM.Present:
 		a = append(a, fmt.Sprintf("No %s: guests cannot run here. %s. gmem bench will skip KVM registration "+
-			"and the gokvm peer.", p.KVM.Path, demo.KVMAccessAdvice(demo.KVMNode{Path: p.KVM.Path}, demo.Caller{})))
+			"and the gokvm peer.", p.KVM.Path, kvm.AccessAdvice(kvm.Node{Path: p.KVM.Path}, kvm.Caller{})))
 	case !p.KVM.Usable:
 		a = append(a, fmt.Sprintf("%s is present but not usable: %s", p.KVM.Path, p.KVM.Error))
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/guestmem"
 	"github.com/gmem-vmm/gmem/internal/demo"
+	"github.com/gmem-vmm/gmem/kvm"
 )
 
 // RunCmd is `gmem run`: the main job on an embedded default guest.
@@ -59,7 +60,7 @@ func (c *RunCmd) Run(env *Env) error {
 	}
 	// Check KVM before allocating anything: without it, one line that says
 	// what to do.
-	d, err := demo.OpenKVM(c.KVMPath)
+	d, err := kvm.Open(c.KVMPath)
 	if err != nil {
 		return fmt.Errorf("gmem run needs KVM: %w", err)
 	}

@@ -121,7 +121,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 
 	var mach *guest.Machine
 	if err := timed("register with KVM", func() (string, error) {
-		d, err := OpenKVM(c.KVMPath)
+		d, err := kvm.Open(c.KVMPath)
 		if err != nil {
 			return "", err
 		}

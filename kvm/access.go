@@ -1,4 +1,4 @@
-package demo
+package kvm
 
 import (
 	"errors"
@@ -9,13 +9,12 @@ import (
 	"slices"
 	"strconv"
 
-	"github.com/gmem-vmm/gmem/kvm"
 	"golang.org/x/sys/unix"
 )
 
-// KVMNode is what stat(2) says about the KVM device node: all that
-// KVMAccessAdvice needs to say what would let a process open it.
-type KVMNode struct {
+// Node is what stat(2) says about the KVM device node: all that
+// AccessAdvice needs to say what would let a process open it.
+type Node struct {
 	Path   string
 	Exists bool        // false: the path does not exist
 	Err    error       // stat failed for another reason (a directory above it that may not be searched)
@@ -40,9 +39,9 @@ func ThisProcess() Caller {
 	return Caller{UID: os.Geteuid(), Groups: append(groups, os.Getegid())}
 }
 
-// StatKVMNode stats the node at path.
-func StatKVMNode(path string) KVMNode {
-	n := KVMNode{Path: path}
+// StatNode stats the node at path.
+func StatNode(path string) Node {
+	n := Node{Path: path}
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		if !errors.Is(err, unix.ENOENT) {
@@ -75,7 +74,7 @@ func StatKVMNode(path string) KVMNode {
 
 // String describes the node: "character device 10:232, mode 0600, owner
 // root (uid 0), group root (gid 0)".
-func (n KVMNode) String() string {
+func (n Node) String() string {
 	switch {
 	case !n.Exists:
 		return "absent"
@@ -110,12 +109,12 @@ func named(name, kind string, id uint32) string {
 // every boot and module load.
 const udevRule = `KERNEL=="kvm", GROUP="kvm", MODE="0660"`
 
-// KVMAccessAdvice says what would let caller open node n read-write, from
+// AccessAdvice says what would let caller open node n read-write, from
 // the node's actual mode, owner and group: that is, why it is refused and
 // what helps. Joining the node's group helps only when that group may read
 // and write it; a node that is root:root 0600 (as on some hosts) needs a kvm
 // group, mode 0660 and a udev rule that keeps them, before joining helps.
-func KVMAccessAdvice(n KVMNode, caller Caller) string {
+func AccessAdvice(n Node, caller Caller) string {
 	perm := n.Mode.Perm()
 	elsewhere := "so the denial comes from elsewhere: a container that was not given the device (docker run " +
 		"--device /dev/kvm), its device cgroup, SELinux or AppArmor, or a filesystem mounted nodev"
@@ -133,7 +132,7 @@ func KVMAccessAdvice(n KVMNode, caller Caller) string {
 			n.Path, n.Err)
 	case n.Mode&fs.ModeCharDevice == 0:
 		return fmt.Sprintf("%s is not a character device: the KVM device is %s, character device 10:232", n.Path,
-			kvm.DefaultPath)
+			DefaultPath)
 	case caller.UID == 0:
 		return "this process runs as root, which the mode does not restrict, " + elsewhere
 	case perm&0o006 == 0o006:
@@ -155,21 +154,4 @@ func KVMAccessAdvice(n KVMNode, caller Caller) string {
 		"/etc/udev/rules.d/65-kvm.rules, then udevadm control --reload-rules && udevadm trigger --name-match=kvm. "+
 		"Then add the user to the group (usermod -aG kvm $USER) and log in again; or run as root", why, n.Path,
 		n.Path, udevRule)
-}
-
-// OpenKVM opens the KVM device at path (kvm.DefaultPath if empty) as
-// kvm.Open does. When permission is denied, the error (which wraps
-// kvm.ErrPermission) describes the node and says what would help, from its
-// actual mode, owner and group (KVMAccessAdvice).
-func OpenKVM(path string) (*kvm.Device, error) {
-	if path == "" {
-		path = kvm.DefaultPath
-	}
-	d, err := kvm.Open(path)
-	if errors.Is(err, kvm.ErrPermission) {
-		n := StatKVMNode(path)
-		return nil, fmt.Errorf("%w: %s (%v) must be readable and writable by this process: %s", kvm.ErrPermission,
-			path, n, KVMAccessAdvice(n, ThisProcess()))
-	}
-	return d, err
 }

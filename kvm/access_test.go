@@ -1,4 +1,4 @@
-package demo_test
+package kvm_test
 
 import (
 	"errors"
@@ -11,28 +11,27 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/gmem-vmm/gmem/internal/demo"
 	"github.com/gmem-vmm/gmem/kvm"
 )
 
 // node is /dev/kvm as stat shows it, with the given mode, owner and group.
-func node(perm fs.FileMode, uid uint32, owner string, gid uint32, group string) demo.KVMNode {
-	return demo.KVMNode{Path: "/dev/kvm", Exists: true, Mode: fs.ModeDevice | fs.ModeCharDevice | perm,
+func node(perm fs.FileMode, uid uint32, owner string, gid uint32, group string) kvm.Node {
+	return kvm.Node{Path: "/dev/kvm", Exists: true, Mode: fs.ModeDevice | fs.ModeCharDevice | perm,
 		Rdev: unix.Mkdev(10, 232), UID: uid, Owner: owner, GID: gid, Group: group}
 }
 
-var user1000 = demo.Caller{UID: 1000, Groups: []int{1000}}
+var user1000 = kvm.Caller{UID: 1000, Groups: []int{1000}}
 
 // The usermod advice only where joining the group helps; the kvm group,
 // mode 0660 and a udev rule where it does not.
-func TestKVMAccessAdvice(t *testing.T) {
+func TestAccessAdvice(t *testing.T) {
 	udev := []string{"groupadd -f -r kvm", "chgrp kvm /dev/kvm", "chmod 0660 /dev/kvm",
 		`KERNEL=="kvm", GROUP="kvm", MODE="0660"`, "/etc/udev/rules.d/65-kvm.rules", "udevadm control --reload-rules",
 		"udevadm trigger", "usermod -aG kvm $USER", "log in again"}
 	for _, tc := range []struct {
 		name   string
-		node   demo.KVMNode
-		caller demo.Caller
+		node   kvm.Node
+		caller kvm.Caller
 		want   []string
 		not    []string
 	}{
@@ -53,25 +52,25 @@ func TestKVMAccessAdvice(t *testing.T) {
 			[]string{"usermod -aG render $USER"}, []string{"usermod -aG kvm", "udev"}},
 		{"a group without a name", node(0o660, 0, "root", 4242, ""), user1000,
 			[]string{"its group 4242 may read and write it", "usermod -aG 4242"}, nil},
-		{"already in the group", node(0o660, 0, "root", 36, "kvm"), demo.Caller{UID: 1000, Groups: []int{1000, 36}},
+		{"already in the group", node(0o660, 0, "root", 36, "kvm"), kvm.Caller{UID: 1000, Groups: []int{1000, 36}},
 			[]string{"this process is in group kvm", "the denial comes from elsewhere", "--device /dev/kvm"},
 			[]string{"usermod", "udev"}},
 		{"everyone may", node(0o666, 0, "root", 36, "kvm"), user1000,
 			[]string{"mode 0666 lets everyone read and write it", "the denial comes from elsewhere"},
 			[]string{"usermod", "udev"}},
-		{"root is refused", node(0o600, 0, "root", 0, "root"), demo.Caller{UID: 0, Groups: []int{0}},
+		{"root is refused", node(0o600, 0, "root", 0, "root"), kvm.Caller{UID: 0, Groups: []int{0}},
 			[]string{"runs as root", "device cgroup"}, []string{"usermod", "udev"}},
-		{"absent", demo.KVMNode{Path: "/dev/kvm"}, user1000,
+		{"absent", kvm.Node{Path: "/dev/kvm"}, user1000,
 			[]string{"/dev/kvm does not exist", "KVM module is not loaded", "modprobe kvm_intel", "modprobe kvm_amd",
 				"VT-x or AMD-V", "nested virtualization"},
 			[]string{"usermod", "udev"}},
-		{"not a device", demo.KVMNode{Path: "/tmp/kvm", Exists: true, Mode: 0o600}, user1000,
+		{"not a device", kvm.Node{Path: "/tmp/kvm", Exists: true, Mode: 0o600}, user1000,
 			[]string{"/tmp/kvm is not a character device", "/dev/kvm, character device 10:232"}, []string{"usermod"}},
-		{"cannot be examined", demo.KVMNode{Path: "/x/kvm", Exists: true, Err: unix.EACCES}, user1000,
+		{"cannot be examined", kvm.Node{Path: "/x/kvm", Exists: true, Err: unix.EACCES}, user1000,
 			[]string{"/x/kvm cannot be examined (permission denied)"}, []string{"usermod"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a := demo.KVMAccessAdvice(tc.node, tc.caller)
+			a := kvm.AccessAdvice(tc.node, tc.caller)
 			require.NotContains(t, a, "\n")
 			for _, w := range tc.want {
 				require.Contains(t, a, w)
@@ -83,40 +82,40 @@ func TestKVMAccessAdvice(t *testing.T) {
 	}
 }
 
-func TestKVMNodeString(t *testing.T) {
+func TestNodeString(t *testing.T) {
 	require.Equal(t, "character device 10:232, mode 0600, owner root (uid 0), group root (gid 0)",
 		node(0o600, 0, "root", 0, "root").String())
 	require.Equal(t, "character device 10:232, mode 0660, owner uid 7, group gid 36", node(0o660, 7, "", 36, "").String())
-	require.Equal(t, "absent", demo.KVMNode{Path: "/dev/kvm"}.String())
+	require.Equal(t, "absent", kvm.Node{Path: "/dev/kvm"}.String())
 }
 
 // StatKVMNode reads a real node: its type, mode, owner and group.
-func TestStatKVMNode(t *testing.T) {
+func TestStatNode(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "kvm")
 	require.NoError(t, os.WriteFile(p, nil, 0o600))
 	require.NoError(t, os.Chmod(p, 0o640))
-	n := demo.StatKVMNode(p)
+	n := kvm.StatNode(p)
 	require.True(t, n.Exists)
 	require.NoError(t, n.Err)
 	require.Equal(t, fs.FileMode(0o640), n.Mode)
 	require.Equal(t, uint32(os.Getuid()), n.UID)
 	require.Equal(t, uint32(os.Getgid()), n.GID)
-	require.Contains(t, demo.KVMAccessAdvice(n, demo.ThisProcess()), "is not a character device")
+	require.Contains(t, kvm.AccessAdvice(n, kvm.ThisProcess()), "is not a character device")
 
-	require.False(t, demo.StatKVMNode(filepath.Join(t.TempDir(), "absent")).Exists)
+	require.False(t, kvm.StatNode(filepath.Join(t.TempDir(), "absent")).Exists)
 
 	if os.Getuid() == 0 {
 		dev := filepath.Join(t.TempDir(), "kvm-copy")
 		if err := unix.Mknod(dev, unix.S_IFCHR|0o600, int(unix.Mkdev(10, 232))); err == nil {
-			n := demo.StatKVMNode(dev)
+			n := kvm.StatNode(dev)
 			require.Equal(t, "character device 10:232, mode 0600, owner root (uid 0), group root (gid 0)", n.String())
 		}
 	}
 }
 
-// OpenKVM keeps kvm.Open's errors where it has nothing to add.
-func TestOpenKVMAbsent(t *testing.T) {
-	_, err := demo.OpenKVM(filepath.Join(t.TempDir(), "kvm"))
+// Open's errors carry the advice: a missing node says to load the module.
+func TestOpenAbsentAdvises(t *testing.T) {
+	_, err := kvm.Open(filepath.Join(t.TempDir(), "kvm"))
 	require.True(t, errors.Is(err, kvm.ErrNoDevice), "%v", err)
 	require.True(t, strings.Contains(err.Error(), "modprobe kvm_intel"), "%v", err)
 }
