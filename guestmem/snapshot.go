@@ -51,9 +51,9 @@ var (
 type SnapshotError struct {
 	Op     string // Restore, RestoreLazy or Verify
 	Stream int    // which reader (or file) of the call, from 0
-	Index  int   // which snapshot of the chain (0: the base), counted across streams
-	Offset int64 // byte offset in that stream of the block at fault
-	Err    error // a sentinel, possibly wrapping detail
+	Index  int    // which snapshot of the chain (0: the base), counted across streams
+	Offset int64  // byte offset in that stream of the block at fault
+	Err    error  // a sentinel, possibly wrapping detail
 }
 
 func (e *SnapshotError) Error() string {
