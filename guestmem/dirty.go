@@ -80,15 +80,37 @@ func (m *Memory) MarkDirty(a GuestAddress, n uint64) error {
 	return nil
 }
 
+// TrackingOption tunes StartDirtyTracking.
+type TrackingOption func(*trackingConfig)
+
+type trackingConfig struct{ hostOnly bool }
+
+// HostWritesOnly declares that no vCPU writes the memory while it is not
+// registered (a device model, a test, a VMM that has not started its guest),
+// so the dirty set of guestmem's own writes is the whole truth. Without it,
+// CollectDirty and incremental Saves on memory that was never registered
+// while tracking are ErrNotRegistered: guestmem would not see what a guest
+// wrote through slots a VMM set up itself from Region.HostAddr.
+func HostWritesOnly() TrackingOption { return func(c *trackingConfig) { c.hostOnly = true } }
+
 // StartDirtyTracking turns dirty tracking on: KVM logs the pages vCPUs write
 // (every writable region's slot gets KVM_MEM_LOG_DIRTY_PAGES, now and when
 // registered later), and guestmem records the pages its own write methods
 // touch, as a device writing into guest RAM dirties it too. Pages written
 // before this call are not reported. Calling it while tracking is a no-op.
-func (m *Memory) StartDirtyTracking() error { return m.setTracking(true) }
+// Guest writes are seen only through slots Register made: collecting from
+// memory that was not registered at some point while tracking is an error,
+// unless the caller declares HostWritesOnly.
+func (m *Memory) StartDirtyTracking(opts ...TrackingOption) error {
+	var c trackingConfig
+	for _, o := range opts {
+		o(&c)
+	}
+	return m.setTracking(true, c.hostOnly)
+}
 
 // StopDirtyTracking turns dirty tracking off and forgets what was dirty.
-func (m *Memory) StopDirtyTracking() error { return m.setTracking(false) }
+func (m *Memory) StopDirtyTracking() error { return m.setTracking(false, false) }
 
 // Tracking reports whether dirty tracking is on.
 func (m *Memory) Tracking() (on bool) {
@@ -96,7 +118,7 @@ func (m *Memory) Tracking() (on bool) {
 	return on
 }
 
-func (m *Memory) setTracking(on bool) error {
+func (m *Memory) setTracking(on, hostOnly bool) error {
 	op := "StopDirtyTracking"
 	if on {
 		op = "StartDirtyTracking"
@@ -113,6 +135,7 @@ func (m *Memory) setTracking(on bool) error {
 		return nil
 	}
 	m.tracking = on
+	m.hostOnly, m.trackSeen = hostOnly, m.reg != nil
 	m.snap.tracked = false // an increment needs tracking on since the last Save
 	regions := slices.Clone(t.regions)
 	for i := range regions {
@@ -183,10 +206,13 @@ func (m *Memory) CollectDirty() (*DirtySet, error) {
 		return nil, err
 	}
 	defer m.wmu.Unlock()
-	return m.collectLocked("CollectDirty")
+	return m.collectLocked("CollectDirty", true)
 }
 
-func (m *Memory) collectLocked(op string) (*DirtySet, error) {
+// collectLocked collects and resets the dirty set. strict refuses memory
+// whose guest writes tracking may have missed (see HostWritesOnly); a full
+// Save, which only resets, passes false.
+func (m *Memory) collectLocked(op string, strict bool) (*DirtySet, error) {
 	t, err := m.acquire(op)
 	if err != nil {
 		return nil, err
@@ -194,6 +220,11 @@ func (m *Memory) collectLocked(op string) (*DirtySet, error) {
 	defer t.release()
 	if !m.tracking {
 		return nil, fmt.Errorf("guestmem: %s: %w", op, ErrNotTracking)
+	}
+	if strict && !m.trackSeen && !m.hostOnly {
+		return nil, fmt.Errorf("guestmem: %s: %w since tracking started, so a guest's writes through slots "+
+			"guestmem does not control would go unseen: Register the memory (kvm.Adopt a VM made elsewhere), or "+
+			"start tracking with HostWritesOnly() if no vCPU writes it", op, ErrNotRegistered)
 	}
 	d := &DirtySet{}
 	var kvmBits []uint64

@@ -23,7 +23,7 @@ func TestDirtyTrackingHostWrites(t *testing.T) {
 	_, err := m.CollectDirty()
 	require.ErrorIs(t, err, guestmem.ErrNotTracking)
 	require.NoError(t, m.WriteUint64(0, 1)) // before tracking: not reported
-	require.NoError(t, m.StartDirtyTracking())
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 	require.True(t, m.Tracking())
 
 	require.NoError(t, m.WriteUint64(4096*5+8, 1))        // page 5

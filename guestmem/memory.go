@@ -154,6 +154,10 @@ type Memory struct {
 	hot      hotplugSpace // fd space for hot-added regions
 	reg      *registration
 	tracking bool // dirty tracking on
+	hostOnly bool // the caller declared no vCPU writes the memory unregistered
+	// trackSeen: the memory has been registered at some point since
+	// tracking started, so KVM logged what vCPUs wrote (or it was harvested).
+	trackSeen bool
 	overlay  bool // parts of anonymous memory are private file mappings (lazy restore)
 	snap     snapState
 

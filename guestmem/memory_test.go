@@ -292,7 +292,7 @@ func TestDropPageCacheKeepsGuestData(t *testing.T) {
 
 	private := newMemory(t, twoRegions)
 	require.NoError(t, private.WriteUint64(0, 0xfeed))
-	require.NoError(t, private.StartDirtyTracking())
+	require.NoError(t, private.StartDirtyTracking(guestmem.HostWritesOnly()))
 	for _, spans := range [][]guestmem.Span{nil, {{GPA: 0, Size: 2 * mib}}} {
 		err := private.DropPageCache(spans...)
 		require.ErrorIs(t, err, guestmem.ErrDataLoss, "spans %v", spans)

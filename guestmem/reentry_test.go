@@ -70,7 +70,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 			return err
 		}},
 		{"RemoveRegion", func(m *guestmem.Memory) error { return m.RemoveRegion(16 * mib) }},
-		{"StartDirtyTracking", func(m *guestmem.Memory) error { return m.StartDirtyTracking() }},
+		{"StartDirtyTracking", func(m *guestmem.Memory) error { return m.StartDirtyTracking(guestmem.HostWritesOnly()) }},
 		{"StopDirtyTracking", func(m *guestmem.Memory) error { return m.StopDirtyTracking() }},
 	}
 	inSaveOnly := []call{ // these take the writer lock but leave the table as it is
@@ -118,7 +118,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 			t.Run(h.name+"/"+c.name, func(t *testing.T) {
 				m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd), guestmem.WithHotplug(4*mib))
 				require.NoError(t, m.WriteUint64(0, 0x1234))
-				require.NoError(t, m.StartDirtyTracking())
+				require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 				var inner error
 				within(t, h.name+" calling "+c.name, func() {
 					require.NoError(t, h.run(m, func() { inner = c.fn(m) }))
@@ -142,7 +142,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 	// What does not wait for the holder works from inside it.
 	t.Run("Save/readers", func(t *testing.T) {
 		m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
-		require.NoError(t, m.StartDirtyTracking())
+		require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 		var fd int
 		var tracking bool
 		var buf [8]byte
@@ -162,7 +162,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 	})
 	t.Run("CopyTo/CollectDirty", func(t *testing.T) {
 		m := newMemory(t, twoRegions)
-		require.NoError(t, m.StartDirtyTracking())
+		require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 		require.NoError(t, m.WriteUint64(4096, 1))
 		var d *guestmem.DirtySet
 		within(t, "CopyTo's writer collecting", func() {

@@ -3,6 +3,7 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/gmem-vmm/gmem/kvm"
 )
@@ -14,11 +15,40 @@ var (
 	ErrNotRegistered = errors.New("not registered with a VM")
 )
 
+// VM is what Register needs of a virtual machine: its slot table, the
+// dirty logs of its slots, and word when it closes. *kvm.VM implements it,
+// for a VM this process created or one adopted from another library
+// (kvm.Adopt); a VMM with a slot table of its own can implement it too.
+// Slots are kvm.Slot values; errors should wrap kvm's sentinels
+// (kvm.ErrClosed, kvm.ErrSlotLimit) where they mean the same.
+type VM interface {
+	// MaxSlots is the number of slot IDs, 0 to MaxSlots()-1.
+	MaxSlots() int
+	// Slots lists the slots in use.
+	Slots() []kvm.Slot
+	// AddSlot creates s under a free ID it chooses, in one step (two
+	// concurrent calls never get the same ID), and returns it.
+	AddSlot(s kvm.Slot) (kvm.Slot, error)
+	// SetSlot changes slot s.ID (its flags: dirty logging on or off).
+	SetSlot(s kvm.Slot) error
+	// DeleteSlot removes slot id; when it returns, no vCPU reaches the
+	// slot's memory any more.
+	DeleteSlot(id uint32) error
+	// GetDirtyLog copies slot id's dirty bitmap (one bit per 4 KiB page)
+	// into bitmap and resets it.
+	GetDirtyLog(id uint32, bitmap []uint64) error
+	// OnClose registers fn to run when the VM begins to close, while the
+	// calls above still work; it fails once closing has begun.
+	OnClose(fn func()) (cancel func(), err error)
+}
+
+var _ VM = (*kvm.VM)(nil)
+
 // registration is the VM the memory is registered with and the slot of each
 // region, by the region's GPA. It is guarded by m.wmu (the region table
 // holds no slot numbers, so registering never replaces it).
 type registration struct {
-	vm     *kvm.VM
+	vm     VM
 	slots  map[GuestAddress]uint32
 	cancel func() // unregisters the VM's close hook
 }
@@ -60,7 +90,7 @@ func (m *Memory) addSlot(r Region) error {
 // later acts as Unregister: the memory harvests the VM's last dirty log and
 // lets go of it first (kvm.VM.OnClose), so CollectDirty and Save keep
 // working and report what the guest wrote.
-func (m *Memory) Register(vm *kvm.VM) error {
+func (m *Memory) Register(vm VM) error {
 	if err := m.lock("Register", false); err != nil {
 		return err
 	}
@@ -72,7 +102,7 @@ func (m *Memory) Register(vm *kvm.VM) error {
 	if m.reg != nil {
 		return fmt.Errorf("guestmem: Register: %w", ErrRegistered)
 	}
-	if vm == nil {
+	if vm == nil || reflect.ValueOf(vm).Kind() == reflect.Pointer && reflect.ValueOf(vm).IsNil() {
 		return fmt.Errorf("guestmem: Register: nil VM: %w", ErrBadOption)
 	}
 	if free := vm.MaxSlots() - len(vm.Slots()); free < len(t.regions) {
@@ -89,6 +119,9 @@ func (m *Memory) Register(vm *kvm.VM) error {
 			err = fmt.Errorf("guestmem: Register: region at %v: %w", r.GPA, err)
 			return errors.Join(err, m.dropSlots(false))
 		}
+	}
+	if m.tracking {
+		m.trackSeen = true
 	}
 	return nil
 }
@@ -114,7 +147,7 @@ func (m *Memory) Unregister() error {
 // (its OnClose hook), while the VM still works: it unregisters, keeping the
 // last dirty log. From Save's writer (which holds wmu already) it runs
 // without taking it.
-func (m *Memory) vmClosing(vm *kvm.VM) {
+func (m *Memory) vmClosing(vm VM) {
 	m.peek(func() {
 		if m.reg != nil && m.reg.vm == vm && !m.tab.Load().closed {
 			// An error here has no caller to go to: the VM is closing and its
@@ -164,7 +197,7 @@ func (m *Memory) dropSlots(harvest bool) error {
 }
 
 // VM returns the VM the memory is registered with, or nil.
-func (m *Memory) VM() (vm *kvm.VM) {
+func (m *Memory) VM() (vm VM) {
 	m.peek(func() {
 		if m.reg != nil {
 			vm = m.reg.vm

@@ -208,11 +208,11 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: the layout changed since the last Save", ErrNeedFullSave)
 		}
 		h.flags, h.base = flagIncrement, m.snap.id
-		if dirty, err = m.collectLocked("Save"); err != nil {
+		if dirty, err = m.collectLocked("Save", true); err != nil {
 			return SaveStats{}, err
 		}
 	} else if m.tracking {
-		if dirty, err = m.collectLocked("Save"); err != nil { // this Save starts the next increment
+		if dirty, err = m.collectLocked("Save", false); err != nil { // this Save starts the next increment
 			return SaveStats{}, err
 		}
 	}

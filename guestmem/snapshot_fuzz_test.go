@@ -20,7 +20,7 @@ func FuzzRestore(f *testing.F) {
 	defer m.Close()
 	_ = m.WriteUint64(0x1000, 0xfeed)
 	_ = m.WriteUint64(1<<20+0x2000, 0xbeef)
-	if err := m.StartDirtyTracking(); err != nil {
+	if err := m.StartDirtyTracking(guestmem.HostWritesOnly()); err != nil {
 		f.Fatal(err)
 	}
 	var base, inc bytes.Buffer

@@ -23,7 +23,7 @@ import (
 func chainInOneStream(t *testing.T) ([]byte, []byte) {
 	t.Helper()
 	m := newMemory(t, snapLayout)
-	require.NoError(t, m.StartDirtyTracking())
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 	scribble(t, m, 0x11)
 	var buf bytes.Buffer
 	_, err := m.Save(context.Background(), &buf, guestmem.SaveOptions{})
@@ -63,7 +63,7 @@ func TestSnapshotChainInOneStream(t *testing.T) {
 	// The chain may also continue in another stream: base+inc in one, a
 	// second increment in the next.
 	m := newMemory(t, snapLayout)
-	require.NoError(t, m.StartDirtyTracking())
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 	var a, b bytes.Buffer
 	_, err = m.Save(ctx, &a, guestmem.SaveOptions{})
 	require.NoError(t, err)
@@ -171,7 +171,7 @@ func TestFailedFullSaveKeepsDirtyPages(t *testing.T) {
 	for _, failAt := range []int{0, 4096, 3 * 4096, len(full) / 2, len(full) - 4096, len(full) - 1} {
 		for _, how := range []string{"writer", "context"} {
 			m := newMemory(t, snapLayout)
-			require.NoError(t, m.StartDirtyTracking())
+			require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 			var base bytes.Buffer
 			_, err := m.Save(ctx, &base, guestmem.SaveOptions{})
 			require.NoError(t, err)

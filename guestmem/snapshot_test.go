@@ -130,7 +130,7 @@ func TestSnapshotIncremental(t *testing.T) {
 	_, err := m.Save(context.Background(), &bytes.Buffer{}, guestmem.SaveOptions{Incremental: true})
 	require.ErrorIs(t, err, guestmem.ErrNeedFullSave, "no earlier save")
 
-	require.NoError(t, m.StartDirtyTracking())
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 	base, _ := save(t, m, false)
 	// Change some pages, zero others.
 	require.NoError(t, m.WriteUint64(4096*3, 0xfeed))
@@ -180,7 +180,7 @@ func TestSnapshotIncremental(t *testing.T) {
 	// Tracking off and on again: also full.
 	save(t, m, false)
 	require.NoError(t, m.StopDirtyTracking())
-	require.NoError(t, m.StartDirtyTracking())
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 	_, err = m.Save(context.Background(), &bytes.Buffer{}, guestmem.SaveOptions{Incremental: true})
 	require.ErrorIs(t, err, guestmem.ErrNeedFullSave)
 }

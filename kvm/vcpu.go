@@ -158,13 +158,19 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 		return nil, fmt.Errorf("kvm: creating vCPU %d: %w", id, ioctlErr("KVM_CREATE_VCPU", err))
 	}
 	syscall.CloseOnExec(int(fd))
-	c := &VCPU{f: os.NewFile(fd, fmt.Sprintf("kvm-vcpu:%d", id)), id: id, vm: vm}
+	return vm.wrapVCPU(os.NewFile(fd, fmt.Sprintf("kvm-vcpu:%d", id)), id)
+}
+
+// wrapVCPU maps f's run page and adds the vCPU to the VM; on error it
+// closes f. The caller holds vm.mu.
+func (vm *VM) wrapVCPU(f *os.File, id int) (*VCPU, error) {
+	c := &VCPU{f: f, id: id, vm: vm}
 	size, err := retry(func() (uintptr, error) { return vcpuMmapSize(vm.kvmFD.Fd()) })
 	if err != nil {
 		c.f.Close()
 		return nil, fmt.Errorf("kvm: vCPU %d: %w", id, ioctlErr("KVM_GET_VCPU_MMAP_SIZE", err))
 	}
-	c.run, err = mapRunPage(fd, int(size))
+	c.run, err = mapRunPage(f.Fd(), int(size))
 	if err != nil {
 		c.f.Close()
 		return nil, fmt.Errorf("kvm: mapping vCPU %d run page: %w", id, os.NewSyscallError("mmap", err))

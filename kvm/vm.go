@@ -117,17 +117,21 @@ func (d *Device) CreateVM() (*VM, error) {
 			syscall.Close(int(vmfd))
 			return os.NewSyscallError("fcntl(F_DUPFD_CLOEXEC)", err)
 		}
-		vm = &VM{f: os.NewFile(vmfd, "kvm-vm"), kvmFD: os.NewFile(uintptr(dup), d.path),
-			slots: map[uint32]Slot{}, maxSlots: caps.Memslots, caps: caps}
+		vm = newVM(os.NewFile(vmfd, "kvm-vm"), os.NewFile(uintptr(dup), d.path), caps)
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("kvm: creating VM: %w", err)
 	}
+	return vm, nil
+}
+
+func newVM(f, kvmFD *os.File, caps Capabilities) *VM {
+	vm := &VM{f: f, kvmFD: kvmFD, slots: map[uint32]Slot{}, maxSlots: caps.Memslots, caps: caps}
 	if vm.maxSlots <= 0 {
 		vm.maxSlots = 32 // KVM_CAP_NR_MEMSLOTS absent: the historic minimum
 	}
-	return vm, nil
+	return vm
 }
 
 // Capabilities returns the host capabilities read when the VM was created.

@@ -149,7 +149,7 @@ func TestHotplugWhileGuestRuns(t *testing.T) {
 	slot, registered, err := m.Slot(hot)
 	require.NoError(t, err)
 	require.True(t, registered)
-	s, err := m.VM().Slot(slot)
+	s, err := mach.VM.Slot(slot)
 	require.NoError(t, err)
 	require.Equal(t, r.HostAddr, s.HostAddr)
 
@@ -163,7 +163,7 @@ func TestHotplugWhileGuestRuns(t *testing.T) {
 
 	// Removal: the slot goes first, so the guest is back to MMIO exits.
 	require.NoError(t, m.RemoveRegion(hot))
-	_, err = m.VM().Slot(slot)
+	_, err = mach.VM.Slot(slot)
 	require.ErrorIs(t, err, kvm.ErrNoSlot)
 	res := run(t, mach, guest.Load(), kvm.Regs{RSI: target}, guest.Handlers{})
 	require.Len(t, res.MMIO, 1)

@@ -1,0 +1,65 @@
+package kvm
+
+import (
+	"errors"
+	"os"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// What is not a KVM VM or vCPU is refused before anything is used.
+func TestCheckKindRefusesOtherFDs(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	closed, err := unix.Dup(int(r.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(closed)
+	for what, fd := range map[string]int{"negative": -1, "pipe": int(r.Fd()), "closed": closed} {
+		if err := checkKind(fd, "kvm-vm"); !errors.Is(err, ErrNotKVMFD) {
+			t.Errorf("%s fd: %v; want ErrNotKVMFD", what, err)
+		}
+	}
+}
+
+// Borrowed works on a close-on-exec duplicate and leaves the caller's
+// descriptor alone; Owned takes the descriptor itself.
+func TestTakeOwnership(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	fd := int(r.Fd())
+	f, err := take(fd, Borrowed, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int(f.Fd()) == fd {
+		t.Fatal("Borrowed did not duplicate")
+	}
+	if flags, err := unix.FcntlInt(f.Fd(), unix.F_GETFD, 0); err != nil || flags&unix.FD_CLOEXEC == 0 {
+		t.Fatalf("duplicate flags %#x, %v; want close-on-exec", flags, err)
+	}
+	f.Close()
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+		t.Fatalf("closing the duplicate closed the caller's fd: %v", err)
+	}
+	g, err := take(fd, Owned, "x")
+	if err != nil || int(g.Fd()) != fd {
+		t.Fatalf("Owned: fd %d, %v; want %d", g.Fd(), err, fd)
+	}
+	g.Close()
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
+		t.Fatal("Owned: Close left the fd open")
+	}
+	if _, err := take(3, Ownership(7), "x"); err == nil {
+		t.Fatal("an unknown ownership was accepted")
+	}
+}
