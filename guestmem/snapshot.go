@@ -160,7 +160,7 @@ type SaveStats struct {
 // (pages in swap included), and
 // all-zero pages are not written — in checksummed batches. With
 // o.Incremental it writes only pages dirtied since the previous Save. The
-// vCPUs must be paused (no guest writes) while it runs; a full Save with
+// vCPUs must be paused (kvm.VM.Pause: no guest writes) while it runs; a full Save with
 // dirty tracking on resets the dirty set, starting the next increment. A
 // Save that fails (the writer's error, a cancelled ctx) leaves the dirty set
 // as it found it: the previous snapshot stays the base of the next

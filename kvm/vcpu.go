@@ -1,10 +1,12 @@
 package kvm
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -144,6 +146,16 @@ type VCPU struct {
 	vm  *VM
 
 	interrupted atomic.Uint64 // KVM_RUN calls a signal interrupted (retried)
+
+	// Control (control.go). kmu keeps the run page mapped for Kick, which
+	// runs without mu; tid is the OS thread inside KVM_RUN (0: none).
+	kmu      sync.RWMutex
+	tid      atomic.Int32
+	kick     atomic.Uint32 // pending kick bits
+	state    atomic.Int32  // a VCPUState
+	closing  atomic.Bool
+	closed   chan struct{} // closed by Close, wakes a Run parked by Pause
+	closeOne sync.Once
 }
 
 // CreateVCPU creates vCPU id and maps its run page.
@@ -164,7 +176,7 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 // wrapVCPU maps f's run page and adds the vCPU to the VM; on error it
 // closes f. The caller holds vm.mu.
 func (vm *VM) wrapVCPU(f *os.File, id int) (*VCPU, error) {
-	c := &VCPU{f: f, id: id, vm: vm}
+	c := &VCPU{f: f, id: id, vm: vm, closed: make(chan struct{})}
 	size, err := retry(func() (uintptr, error) { return vcpuMmapSize(vm.kvmFD.Fd()) })
 	if err != nil {
 		c.f.Close()
@@ -185,14 +197,24 @@ func (c *VCPU) ID() int { return c.id }
 // Close unmaps the run page and closes the vCPU, after waiting for a Run in
 // progress to return. Closing twice returns nil. VM.Close closes its vCPUs
 // too.
+//
+// Close never waits on a guest: it kicks the vCPU first (see Kick), so a
+// Run in the guest returns promptly, and a Run parked by VM.Pause wakes;
+// both return ErrClosed.
 func (c *VCPU) Close() error {
+	c.closing.Store(true)
+	c.closeOne.Do(func() { close(c.closed) })
+	c.kickWith(kickClose)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.f == nil {
 		return nil
 	}
+	c.kmu.Lock()
 	err := errors.Join(unix.Munmap(c.run), c.f.Close())
 	c.f, c.run = nil, nil
+	c.kmu.Unlock()
+	c.state.Store(int32(StateClosed))
 	return err
 }
 
@@ -314,7 +336,10 @@ func (c *VCPU) Complete() error {
 // Run runs the vCPU until it exits to the VMM and describes the exit.
 //
 // A signal that interrupts KVM_RUN (EINTR, with KVM_EXIT_INTR) is not an
-// exit: Run enters the guest again, so the caller never sees one.
+// exit: Run enters the guest again. The exception is Kick (and a context
+// given to RunContext that ends): Run then returns an ExitIntr exit with the
+// registers where the guest stopped; run again to continue. While the VM is
+// paused (VM.Pause), Run waits for VM.Resume and then enters the guest.
 //
 // A guest access to slot memory whose host mapping cannot be faulted in
 // (unmapped, PROT_NONE, a write to a read-only mapping, a truncated file) is
@@ -337,18 +362,39 @@ func (c *VCPU) Complete() error {
 // MMIO exit before the slot existed, so such an exit is returned as an
 // ordinary MMIO exit, and the next access reaches the memory. A slot
 // deleted while the access was in flight gives an ordinary MMIO exit too.
-func (c *VCPU) Run() (Exit, error) {
+func (c *VCPU) Run() (Exit, error) { return c.RunContext(context.Background()) }
+
+// runOnce enters the guest once (as many KVM_RUN calls as signals that are
+// not kicks take). again says a pause kick stopped it: park, then run again.
+func (c *VCPU) runOnce() (e Exit, err error, again bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	fd, err := c.fd()
 	if err != nil {
-		return Exit{}, err
+		return Exit{}, err, false
 	}
+	if c.closing.Load() {
+		return Exit{}, ErrClosed, false
+	}
+	// A kick signals the thread inside KVM_RUN: keep to one thread, and
+	// say which.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	c.tid.Store(int32(unix.Gettid()))
+	defer c.tid.Store(0)
 	// An MMIO exit for an address a slot covers is a memory fault only if
 	// the slot was there when the vCPU entered the guest: one added while
 	// it ran (hotplug) may be reached by an exit KVM decided on before.
 	gen := c.vm.generation()
 	for {
+		// Clear, then set again if a kick is pending: a kick whose bits
+		// land after the load writes immediate_exit after the clear (or,
+		// once in KVM_RUN, signals this thread), so none is lost, and a
+		// stale immediate_exit with no kick pending cannot spin here.
+		c.run[runImmediateExit] = 0
+		if c.kick.Load() != 0 {
+			c.run[runImmediateExit] = 1
+		}
 		// The exit reason is only meaningful after some errors (the
 		// kernel leaves it stale after others), so clear it first.
 		c.run.putU32(runExitReason, uint32(ExitUnknown))
@@ -356,16 +402,26 @@ func (c *VCPU) Run() (Exit, error) {
 		if !errors.Is(err, syscall.EINTR) && !errors.Is(err, syscall.EAGAIN) {
 			break
 		}
+		if k := c.kick.Swap(0); k != 0 {
+			c.run[runImmediateExit] = 0
+			switch {
+			case k&kickClose != 0:
+				return Exit{Reason: ExitIntr}, ErrClosed, false
+			case k&kickUser != 0:
+				return Exit{Reason: ExitIntr}, nil, false
+			}
+			return Exit{Reason: ExitIntr}, nil, true
+		}
 		c.interrupted.Add(1)
 	}
-	e, err := decodeExit(c.run, err)
+	e, err = decodeExit(c.run, err)
 	if err == nil && e.MMIO != nil {
 		if s, inSlot := c.vm.slotAtSince(e.MMIO.Addr, gen); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
 			err = &MemoryFaultError{GPA: e.MMIO.Addr, Size: uint64(e.MMIO.Len), Known: true, Write: e.MMIO.Write,
 				MMIO: true, Slot: s.ID}
 		}
 	}
-	return e, err
+	return e, err, false
 }
 
 // decodeExit describes the exit in the run page p after KVM_RUN returned err.

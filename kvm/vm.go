@@ -81,6 +81,14 @@ type VM struct {
 	manual   bool // manual dirty-log protect enabled
 	vcpus    []*VCPU
 
+	// Pause (control.go): resume is non-nil while paused and closed by
+	// Resume; inGuest counts vCPUs in runOnce; drained is closed when it
+	// reaches 0 for a waiting Pause. A leaf lock.
+	pmu     sync.Mutex
+	resume  chan struct{}
+	inGuest int
+	drained chan struct{}
+
 	closeMu  sync.Mutex // serializes Close, which runs the hooks without mu
 	closing  bool       // Close has taken the hooks
 	hooks    map[uint64]func()

@@ -281,15 +281,7 @@ var ErrUnexpectedExit = errors.New("guest: unexpected exit")
 // A Call that ended on an exit the guest still waits on leaves it pending;
 // the next Call completes it (kvm.VCPU.Complete) before setting registers.
 func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) {
-	// A previous Call may have returned on an exit the guest still waits
-	// on; KVM would apply it, and overwrite the registers, on the next run.
-	if err := m.CPU.Complete(); err != nil {
-		return Result{}, err
-	}
-	regs.RIP = entry
-	regs.RSP = m.base + SysSize - 16
-	regs.RFLAGS = kvm.RFLAGSFixed // interrupts off
-	if err := m.CPU.SetRegs(regs); err != nil {
+	if err := m.Start(entry, regs); err != nil {
 		return Result{}, err
 	}
 	var res Result
@@ -333,6 +325,46 @@ func (m *Machine) Call(entry uint64, regs kvm.Regs, h Handlers) (Result, error) 
 			return res, fmt.Errorf("%w: %v at rip %#x", ErrUnexpectedExit, e, regs.RIP)
 		}
 	}
+}
+
+// Start readies the program at entry with regs (RIP, RSP and RFLAGS set
+// here), as Call does, without running it: the caller runs m.CPU itself
+// (to kick, pause or cancel it).
+func (m *Machine) Start(entry uint64, regs kvm.Regs) error {
+	// A previous Call may have returned on an exit the guest still waits
+	// on; KVM would apply it, and overwrite the registers, on the next run.
+	if err := m.CPU.Complete(); err != nil {
+		return err
+	}
+	regs.RIP = entry
+	regs.RSP = m.base + SysSize - 16
+	regs.RFLAGS = kvm.RFLAGSFixed // interrupts off
+	return m.CPU.SetRegs(regs)
+}
+
+// Spin counts RCX down to zero in a loop of two instructions, then halts:
+// a guest that runs for as long as the caller likes, touching no memory.
+func Spin() *Asm {
+	a := &Asm{}
+	a.Label("loop")
+	a.Dec(RCX)
+	a.Jnz("loop")
+	a.Hlt()
+	return a
+}
+
+// Count adds one to the quadword at RBX, RCX times, then halts: a guest
+// that keeps writing guest memory.
+func Count() *Asm {
+	a := &Asm{}
+	a.Label("loop")
+	a.Load(RAX, RBX)
+	a.AddImm(RAX, 1)
+	a.Store(RBX, RAX)
+	a.Dec(RCX)
+	a.Jnz("loop")
+	a.Hlt()
+	return a
 }
 
 // Ports the standard programs report on.
