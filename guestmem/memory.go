@@ -158,8 +158,8 @@ type Memory struct {
 	// trackSeen: the memory has been registered at some point since
 	// tracking started, so KVM logged what vCPUs wrote (or it was harvested).
 	trackSeen bool
-	overlay  bool // parts of anonymous memory are private file mappings (lazy restore)
-	snap     snapState
+	overlay   bool // parts of anonymous memory are private file mappings (lazy restore)
+	snap      snapState
 
 	// Callbacks run while holding: every user callback (a CopyTo writer, a
 	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region
