@@ -3,6 +3,7 @@ package arena
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"syscall"
 
@@ -15,8 +16,10 @@ import (
 // them (or an *os.SyscallError carrying the failing syscall's errno), so
 // callers can branch with errors.Is.
 var (
-	// ErrClosed is returned by every call on a Mapping or Arena after Close.
-	ErrClosed = errors.New("use of closed mapping")
+	// ErrClosed is wrapped by the error of every call on a Mapping or Arena
+	// after Close. It is fs.ErrClosed, as for an *os.File, so one test
+	// serves every package: errors.Is(err, fs.ErrClosed).
+	ErrClosed = fs.ErrClosed
 	// ErrZeroSize is returned for a zero-length size or range.
 	ErrZeroSize = errors.New("zero size")
 	// ErrUnaligned is returned when an offset, size or file offset is not a

@@ -313,7 +313,7 @@ func (m *Mapping) checkRange(op string, off, n int64) error {
 	re := func(err error) error { return &RangeError{Op: op, Offset: off, Length: n, Limit: m.size, Err: err} }
 	switch {
 	case m.closed:
-		return fmt.Errorf("arena: %s: %w", op, ErrClosed)
+		return fmt.Errorf("arena: %s: the mapping is closed: %w", op, ErrClosed)
 	case n == 0:
 		return re(ErrZeroSize)
 	case off < 0 || n < 0:

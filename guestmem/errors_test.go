@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/kvm"
 )
 
 // oneVoice checks the message rule: one "guestmem: " prefix, at the start,
@@ -127,4 +129,22 @@ func TestFaultNamesTheGuestAddress(t *testing.T) {
 	require.True(t, errors.As(err, &fe), "the arena's fault is still there for errors.As")
 	_, err = m.LoadUint64(16*mib + 3*4096)
 	atGPA(t, "atomic past the file's end", err, 16*mib+3*4096, guestmem.ErrFault)
+}
+
+// Use after Close is fs.ErrClosed in every package, as for an *os.File.
+func TestClosedIsFsErrClosed(t *testing.T) {
+	m, err := guestmem.New(twoRegions)
+	require.NoError(t, err)
+	require.NoError(t, m.Close())
+	_, err = m.ReadUint64(0)
+	require.ErrorIs(t, err, fs.ErrClosed)
+	oneVoice(t, "closed memory", err)
+	a, err := arena.NewAnon(4096)
+	require.NoError(t, err)
+	require.NoError(t, a.Close())
+	_, err = a.LoadUint64(0)
+	require.ErrorIs(t, err, fs.ErrClosed)
+	require.Same(t, fs.ErrClosed, guestmem.ErrClosed)
+	require.Same(t, fs.ErrClosed, arena.ErrClosed)
+	require.Same(t, fs.ErrClosed, kvm.ErrClosed)
 }

@@ -3,6 +3,7 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/bits"
 	"os"
 	"slices"
@@ -108,8 +109,10 @@ var ErrBadOption = errors.New("invalid option")
 // maxGuardGap bounds WithGuardGap: a terabyte of address space per gap.
 const maxGuardGap = 1 << 40
 
-// ErrClosed is returned by every call on a Memory after Close.
-var ErrClosed = errors.New("use of closed guest memory")
+// ErrClosed is wrapped by the error of every call on a Memory after Close.
+// It is fs.ErrClosed (as are arena's and kvm's), so errors.Is(err,
+// fs.ErrClosed) serves for every package, as for an *os.File.
+var ErrClosed = fs.ErrClosed
 
 // hostAlign is the alignment of regions in the host address space and in the
 // memfd: 2 MiB, so transparent and shmem hugepages can back whole regions.
@@ -231,7 +234,9 @@ func withOp(op string, err error) error {
 	return fmt.Errorf("guestmem: %s: %w", op, err)
 }
 
-func closedErr(op string) error { return fmt.Errorf("guestmem: %s: %w", op, ErrClosed) }
+func closedErr(op string) error {
+	return fmt.Errorf("guestmem: %s: the guest memory is closed: %w", op, ErrClosed)
+}
 
 // New lays out guest RAM as l, backs it and maps it. Every region is
 // MADV_DONTDUMP and MADV_DONTFORK, and asks for transparent hugepages where

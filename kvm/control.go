@@ -116,7 +116,7 @@ func (vm *VM) enter(ctx context.Context, c *VCPU) error {
 		vm.pmu.Lock()
 		if c.closing.Load() {
 			vm.pmu.Unlock()
-			return ErrClosed
+			return fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed)
 		}
 		if vm.resume == nil {
 			vm.inGuest++
@@ -130,7 +130,7 @@ func (vm *VM) enter(ctx context.Context, c *VCPU) error {
 		select {
 		case <-resume:
 		case <-c.closed:
-			return ErrClosed
+			return fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed)
 		case <-ctx.Done():
 			c.state.Store(int32(StateIdle))
 			return context.Cause(ctx)

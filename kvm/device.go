@@ -94,7 +94,7 @@ func (d *Device) withFD(fn func(fd uintptr) error) error {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if d.f == nil {
-		return ErrClosed
+		return fmt.Errorf("kvm: %w", errDeviceClosed)
 	}
 	return fn(d.f.Fd())
 }

@@ -3,6 +3,7 @@ package kvm
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"syscall"
 )
@@ -18,8 +19,10 @@ var (
 	ErrPermission = errors.New("kvm: permission denied")
 	// ErrAPIVersion: KVM_GET_API_VERSION did not return 12.
 	ErrAPIVersion = errors.New("kvm: unsupported API version")
-	// ErrClosed: the Device, VM or VCPU was closed.
-	ErrClosed = errors.New("kvm: use of closed file")
+	// ErrClosed: the Device, VM or VCPU was closed. It is fs.ErrClosed,
+	// as for an *os.File (and arena's and guestmem's), so errors.Is(err,
+	// fs.ErrClosed) serves for every package.
+	ErrClosed = fs.ErrClosed
 	// ErrUnsupported: the kernel lacks the capability the call needs.
 	ErrUnsupported = errors.New("kvm: not supported by this kernel")
 
@@ -120,3 +123,10 @@ func ioctlErr(name string, err error) error {
 	}
 	return fmt.Errorf("%s: %w", name, err)
 }
+
+// What was closed, for errors that wrap ErrClosed.
+var (
+	errDeviceClosed = fmt.Errorf("the KVM device is closed: %w", ErrClosed)
+	errVMClosed     = fmt.Errorf("the VM is closed: %w", ErrClosed)
+	errVCPUClosed   = fmt.Errorf("the vCPU is closed: %w", ErrClosed)
+)

@@ -152,7 +152,7 @@ func (vm *VM) DeclareSlot(s Slot) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return &SlotError{Op: "DeclareSlot", Slot: s.ID, Err: ErrClosed}
+		return &SlotError{Op: "DeclareSlot", Slot: s.ID, Err: errVMClosed}
 	}
 	if _, used := vm.slots[s.ID]; used {
 		return &SlotError{Op: "DeclareSlot", Slot: s.ID, Err: fmt.Errorf("%w: slot %d is in the table already",
@@ -176,7 +176,7 @@ func (vm *VM) AdoptVCPU(fd, id int, own Ownership) (*VCPU, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return nil, ErrClosed
+		return nil, fmt.Errorf("kvm: AdoptVCPU: %w", errVMClosed)
 	}
 	f, err := take(fd, own, fmt.Sprintf("kvm-vcpu:%d", id))
 	if err != nil {

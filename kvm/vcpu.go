@@ -163,7 +163,7 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return nil, ErrClosed
+		return nil, fmt.Errorf("kvm: creating vCPU %d: %w", id, errVMClosed)
 	}
 	fd, err := retry(func() (uintptr, error) { return gokvm.CreateVCPU(vm.f.Fd(), id) })
 	if err != nil {
@@ -220,7 +220,7 @@ func (c *VCPU) Close() error {
 
 func (c *VCPU) fd() (uintptr, error) {
 	if c.f == nil {
-		return 0, ErrClosed
+		return 0, fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed)
 	}
 	return c.f.Fd(), nil
 }
@@ -374,7 +374,7 @@ func (c *VCPU) runOnce() (e Exit, err error, again bool) {
 		return Exit{}, err, false
 	}
 	if c.closing.Load() {
-		return Exit{}, ErrClosed, false
+		return Exit{}, fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed), false
 	}
 	// A kick signals the thread inside KVM_RUN: keep to one thread, and
 	// say which.
@@ -406,7 +406,7 @@ func (c *VCPU) runOnce() (e Exit, err error, again bool) {
 			c.run[runImmediateExit] = 0
 			switch {
 			case k&kickClose != 0:
-				return Exit{Reason: ExitIntr}, ErrClosed, false
+				return Exit{Reason: ExitIntr}, fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed), false
 			case k&kickUser != 0:
 				return Exit{Reason: ExitIntr}, nil, false
 			}

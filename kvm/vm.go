@@ -194,7 +194,7 @@ func (vm *VM) OnClose(fn func()) (cancel func(), err error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil || vm.closing {
-		return func() {}, fmt.Errorf("kvm: OnClose: %w", ErrClosed)
+		return func() {}, fmt.Errorf("kvm: OnClose: %w", errVMClosed)
 	}
 	if vm.hooks == nil {
 		vm.hooks = map[uint64]func(){}
@@ -221,7 +221,7 @@ func (vm *VM) Slot(id uint32) (Slot, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return Slot{}, &SlotError{Op: "Slot", Slot: id, Err: ErrClosed}
+		return Slot{}, &SlotError{Op: "Slot", Slot: id, Err: errVMClosed}
 	}
 	s, ok := vm.slots[id]
 	if !ok {
@@ -278,7 +278,7 @@ func (vm *VM) FreeSlot() (uint32, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return 0, ErrClosed
+		return 0, fmt.Errorf("kvm: FreeSlot: %w", errVMClosed)
 	}
 	return vm.freeLocked()
 }
@@ -389,7 +389,7 @@ func (vm *VM) SetSlot(s Slot) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: ErrClosed}
+		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: errVMClosed}
 	}
 	return vm.setLocked(s)
 }
@@ -403,7 +403,7 @@ func (vm *VM) AddSlot(s Slot) (Slot, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return Slot{}, &SlotError{Op: "AddSlot", Slot: s.ID, Err: ErrClosed}
+		return Slot{}, &SlotError{Op: "AddSlot", Slot: s.ID, Err: errVMClosed}
 	}
 	id, err := vm.freeLocked()
 	if err != nil {
@@ -455,7 +455,7 @@ func (vm *VM) DeleteSlot(id uint32) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return &SlotError{Op: "DeleteSlot", Slot: id, Err: ErrClosed}
+		return &SlotError{Op: "DeleteSlot", Slot: id, Err: errVMClosed}
 	}
 	s, ok := vm.slots[id]
 	if !ok {
@@ -514,7 +514,7 @@ func (vm *VM) GetDirtyLog(id uint32, bitmap []uint64) error {
 
 func (vm *VM) loggingSlot(op string, id uint32) (Slot, error) {
 	if vm.f == nil {
-		return Slot{}, &SlotError{Op: op, Slot: id, Err: ErrClosed}
+		return Slot{}, &SlotError{Op: op, Slot: id, Err: errVMClosed}
 	}
 	s, ok := vm.slots[id]
 	if !ok {
@@ -535,7 +535,7 @@ func (vm *VM) EnableManualDirtyLog() error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.f == nil {
-		return ErrClosed
+		return fmt.Errorf("kvm: %w", errVMClosed)
 	}
 	if !vm.caps.ManualDirtyLog {
 		return fmt.Errorf("%w: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", ErrUnsupported)
