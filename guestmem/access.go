@@ -112,6 +112,12 @@ type piece struct {
 // byte outside guest RAM is an *AddressError naming the first such address.
 // The caller holds t (acquire).
 func (t *table) resolve(op string, a GuestAddress, n uint64) ([]piece, error) {
+	return t.resolveInto(nil, op, a, n)
+}
+
+// resolveInto is resolve appending to pieces, so a caller with a small
+// array on its stack resolves without allocating.
+func (t *table) resolveInto(pieces []piece, op string, a GuestAddress, n uint64) ([]piece, error) {
 	if n > math.MaxUint64-uint64(a) {
 		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrAddressOverflow}
 	}
@@ -119,7 +125,6 @@ func (t *table) resolve(op string, a GuestAddress, n uint64) ([]piece, error) {
 	if !ok {
 		return nil, &AddressError{Op: op, GPA: a, Len: n, Err: ErrHole}
 	}
-	var pieces []piece
 	pos, end := a, a+GuestAddress(n)
 	for pos < end {
 		if i == len(t.regions) || t.regions[i].GPA != pos && len(pieces) > 0 {
@@ -162,7 +167,8 @@ func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, erro
 		return 0, err
 	}
 	defer t.release()
-	pieces, err := t.resolve(op, GuestAddress(off), uint64(len(p)))
+	var buf [2]piece
+	pieces, err := t.resolveInto(buf[:0], op, GuestAddress(off), uint64(len(p)))
 	if err != nil {
 		return 0, err
 	}
@@ -232,23 +238,68 @@ func (m *Memory) one(op string, a GuestAddress, n uint64, write bool, fn func(ar
 	return pieces[0].inGuestTerms(op, err)
 }
 
-// ReadUint64 reads the little-endian 64-bit value at a.
-func (m *Memory) ReadUint64(a GuestAddress) (v uint64, err error) {
-	err = m.ReadValue(a, &v)
-	return v, err
+// The typed accessors read and write little-endian values with no
+// allocation; a value may cross a boundary between contiguous regions, as
+// with ReadAt.
+
+// ReadUint8 reads the byte at a.
+func (m *Memory) ReadUint8(a GuestAddress) (uint8, error) {
+	var b [1]byte
+	_, err := m.transfer("ReadUint8", b[:], int64(a), false)
+	return b[0], err
 }
 
-// WriteUint64 writes v little-endian at a.
-func (m *Memory) WriteUint64(a GuestAddress, v uint64) error { return m.WriteValue(a, v) }
+// WriteUint8 writes v at a.
+func (m *Memory) WriteUint8(a GuestAddress, v uint8) error {
+	b := [1]byte{v}
+	_, err := m.transfer("WriteUint8", b[:], int64(a), true)
+	return err
+}
+
+// ReadUint16 reads the little-endian 16-bit value at a.
+func (m *Memory) ReadUint16(a GuestAddress) (uint16, error) {
+	var b [2]byte
+	_, err := m.transfer("ReadUint16", b[:], int64(a), false)
+	return binary.LittleEndian.Uint16(b[:]), err
+}
+
+// WriteUint16 writes v little-endian at a.
+func (m *Memory) WriteUint16(a GuestAddress, v uint16) error {
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], v)
+	_, err := m.transfer("WriteUint16", b[:], int64(a), true)
+	return err
+}
 
 // ReadUint32 reads the little-endian 32-bit value at a.
-func (m *Memory) ReadUint32(a GuestAddress) (v uint32, err error) {
-	err = m.ReadValue(a, &v)
-	return v, err
+func (m *Memory) ReadUint32(a GuestAddress) (uint32, error) {
+	var b [4]byte
+	_, err := m.transfer("ReadUint32", b[:], int64(a), false)
+	return binary.LittleEndian.Uint32(b[:]), err
 }
 
 // WriteUint32 writes v little-endian at a.
-func (m *Memory) WriteUint32(a GuestAddress, v uint32) error { return m.WriteValue(a, v) }
+func (m *Memory) WriteUint32(a GuestAddress, v uint32) error {
+	var b [4]byte
+	binary.LittleEndian.PutUint32(b[:], v)
+	_, err := m.transfer("WriteUint32", b[:], int64(a), true)
+	return err
+}
+
+// ReadUint64 reads the little-endian 64-bit value at a.
+func (m *Memory) ReadUint64(a GuestAddress) (uint64, error) {
+	var b [8]byte
+	_, err := m.transfer("ReadUint64", b[:], int64(a), false)
+	return binary.LittleEndian.Uint64(b[:]), err
+}
+
+// WriteUint64 writes v little-endian at a.
+func (m *Memory) WriteUint64(a GuestAddress, v uint64) error {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], v)
+	_, err := m.transfer("WriteUint64", b[:], int64(a), true)
+	return err
+}
 
 // LoadUint32 atomically loads the naturally aligned 32-bit word at a.
 func (m *Memory) LoadUint32(a GuestAddress) (v uint32, err error) {

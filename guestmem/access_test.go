@@ -261,3 +261,26 @@ func FuzzAccessStaysInGuestRAM(f *testing.F) {
 		}
 	})
 }
+
+// The 8- and 16-bit accessors, like the wider ones, read back what they
+// wrote, mark the page dirty, and may cross contiguous regions.
+func TestNarrowTypedAccess(t *testing.T) {
+	m := newMemory(t, twoRegions)
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
+	require.NoError(t, m.WriteUint8(5, 0xab))
+	v8, err := m.ReadUint8(5)
+	require.NoError(t, err)
+	require.Equal(t, uint8(0xab), v8)
+	require.NoError(t, m.WriteUint16(4*mib-1, 0x1234)) // across the boundary at 4 MiB
+	v16, err := m.ReadUint16(4*mib - 1)
+	require.NoError(t, err)
+	require.Equal(t, uint16(0x1234), v16)
+	lo, err := m.ReadUint8(4*mib - 1)
+	require.NoError(t, err)
+	require.Equal(t, uint8(0x34), lo, "little-endian")
+	d, err := m.CollectDirty()
+	require.NoError(t, err)
+	require.Equal(t, uint64(3), d.Pages(), "page 0, the last page of region 0, the first of region 1")
+	_, err = m.ReadUint16(6*mib - 1)
+	require.ErrorIs(t, err, guestmem.ErrHole)
+}

@@ -219,3 +219,37 @@ func BenchmarkRegionLookup256(b *testing.B) {
 		i++
 	}
 }
+
+// BenchmarkTypedAccess measures the typed accessors; -benchmem shows they
+// allocate nothing.
+func BenchmarkTypedAccess(b *testing.B) {
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 2 << 20}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	b.Run("ReadUint64", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := m.ReadUint64(4096); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("ReadUint32", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := m.ReadUint32(4096); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("WriteUint64", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := m.WriteUint64(4096, 7); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
