@@ -132,7 +132,7 @@ func (t *table) resolveInto(pieces []piece, op string, a GuestAddress, n uint64)
 		}
 		r := t.regions[i]
 		take := min(end, r.End()) - pos
-		pieces = append(pieces, piece{region: i, a: r.host, off: r.ArenaOffset + int64(pos-r.GPA), n: int64(take),
+		pieces = append(pieces, piece{region: i, a: r.host, off: r.arenaOff + int64(pos-r.GPA), n: int64(take),
 			gpa: pos})
 		pos += take
 		i++

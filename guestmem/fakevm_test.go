@@ -198,10 +198,10 @@ func TestRegisterWithAnyVM(t *testing.T) {
 		require.Equal(t, r.HostAddr, s.HostAddr)
 		require.Equal(t, r.ReadOnly, s.Flags&kvm.ReadOnly != 0)
 		require.Zero(t, s.Flags&kvm.LogDirtyPages)
-		id, ok, err := m.Slot(r.GPA)
+		require.Equal(t, int(s.ID), r.Slot)
+		one, err := m.Region(r.GPA + 1)
 		require.NoError(t, err)
-		require.True(t, ok)
-		require.Equal(t, s.ID, id)
+		require.Equal(t, r, one)
 	}
 	require.NoError(t, m.StartDirtyTracking())
 	for _, s := range vm.Slots() {
@@ -215,6 +215,7 @@ func TestRegisterWithAnyVM(t *testing.T) {
 	require.NoError(t, m.Unregister())
 	require.Empty(t, vm.Slots())
 	require.Nil(t, m.VM())
+	require.Equal(t, -1, m.Regions()[0].Slot)
 	require.ErrorIs(t, m.Register((*fakeVM)(nil)), guestmem.ErrBadOption, "a typed nil VM is refused")
 }
 

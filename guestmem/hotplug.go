@@ -102,8 +102,8 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		return Region{}, withOp("AddRegion", err)
 	}
 	align := max(uint64(hostAlign), m.pageSize)
-	r := Region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1,
-		Hotplugged: true, ArenaOffset: int64(m.guard)}
+	r := region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1,
+		hotplugged: true, arenaOff: int64(m.guard)}
 	if m.backing != Anonymous {
 		off, ok := m.hot.alloc(int64(alignUp(spec.Size, align)), int64(align))
 		if !ok {
@@ -136,9 +136,14 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 		}
 	}
 	regions := append(slices.Clone(t.regions), r)
-	slices.SortFunc(regions, func(a, b Region) int { return cmpAddr(a.GPA, b.GPA) })
+	slices.SortFunc(regions, func(a, b region) int { return cmpAddr(a.GPA, b.GPA) })
+	m.publishSlots()
 	m.publish(&table{regions: regions})
-	return r, nil
+	slot := -1
+	if id, ok := m.reg.slot(r.GPA); ok {
+		slot = int(id)
+	}
+	return r.view(slot), nil
 }
 
 // RemoveRegion removes the region starting at gpa (hot-added or from New)
@@ -166,13 +171,14 @@ func (m *Memory) RemoveRegion(gpa GuestAddress) error {
 			return fmt.Errorf("guestmem: RemoveRegion at %v: %w", gpa, err)
 		}
 		delete(m.reg.slots, r.GPA)
+		m.publishSlots()
 	}
 	m.publish(&table{regions: slices.Delete(slices.Clone(t.regions), i, i+1)})
 	var err error
-	if r.Hotplugged {
+	if r.hotplugged {
 		err = r.host.Close()
 	} else {
-		err = r.host.RemoveMapping(r.ArenaOffset, int64(r.Size))
+		err = r.host.RemoveMapping(r.arenaOff, int64(r.Size))
 	}
 	if r.FDOffset >= 0 && m.backing != File {
 		align := int64(max(uint64(hostAlign), m.pageSize))

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"math/bits"
 	"os"
 	"slices"
@@ -71,7 +72,7 @@ type config struct {
 func WithBacking(b Backing) Option { return func(c *config) { c.backing = b } }
 
 // WithHugetlb backs guest RAM with a hugetlb memfd of pageSize pages
-// (2 MiB or 1 GiB on x86). Region addresses and sizes must be multiples of it.
+// (2 MiB or 1 GiB on x86). region addresses and sizes must be multiples of it.
 func WithHugetlb(pageSize uint64) Option {
 	return func(c *config) { c.backing, c.hugeSize = Hugetlb, pageSize }
 }
@@ -118,26 +119,70 @@ var ErrClosed = fs.ErrClosed
 // memfd: 2 MiB, so transparent and shmem hugepages can back whole regions.
 const hostAlign = 2 << 20
 
-// Region is one region of guest RAM as placed in the host.
+// Region is one region of guest RAM as a caller sees it: where it is in
+// the guest and in this process, and its KVM slot. It is a copy: the
+// memory's own record of the region is not exposed.
 type Region struct {
-	GPA         GuestAddress // first guest-physical address
-	Size        uint64       // bytes
-	ReadOnly    bool         // the guest may not write it
-	HostAddr    uintptr      // host virtual address of GPA
-	ArenaOffset int64        // offset of the region in its arena
-	FDOffset    int64        // offset in the backing fd; -1 for Anonymous
-	// Hotplugged says the region was added by AddRegion (it has an arena of
-	// its own) rather than by New.
-	Hotplugged bool
-
-	host  *arena.Arena // the arena holding the region
-	dirty *dirtyBits   // host-side dirty bitmap while tracking, else nil
+	GPA      GuestAddress // first guest-physical address
+	Size     uint64       // bytes
+	ReadOnly bool         // the guest may not write it
+	HostAddr uintptr      // host virtual address of GPA, valid until the region is removed
+	FDOffset int64        // offset of GPA in the backing fd (FD); -1 for Anonymous
+	Slot     int          // the KVM slot while registered (Register), else -1
 }
 
 // End returns the first address past the region.
 func (r Region) End() GuestAddress { return r.GPA + GuestAddress(r.Size) }
 
-func (r Region) contains(a GuestAddress) bool { return a >= r.GPA && a < r.End() }
+// region is the memory's record of one region.
+type region struct {
+	GPA        GuestAddress
+	Size       uint64
+	ReadOnly   bool
+	HostAddr   uintptr
+	arenaOff   int64        // offset of the region in its arena
+	FDOffset   int64        // offset in the backing fd; -1 for Anonymous
+	hotplugged bool         // added by AddRegion, with an arena of its own
+	host       *arena.Arena // the arena holding the region
+	dirty      *dirtyBits   // host-side dirty bitmap while tracking, else nil
+}
+
+// view is r as a caller sees it, with its slot id (-1: none).
+func (r region) view(slot int) Region {
+	return Region{GPA: r.GPA, Size: r.Size, ReadOnly: r.ReadOnly, HostAddr: r.HostAddr, FDOffset: r.FDOffset, Slot: slot}
+}
+
+// views returns the public views of regions, with their slots (read from
+// a copy published at every registration change, so no lock is taken).
+func (m *Memory) views(regions []region) []Region {
+	out := make([]Region, len(regions))
+	slots := m.slotIDs.Load()
+	for i, r := range regions {
+		out[i] = r.view(-1)
+		if slots != nil {
+			if id, ok := (*slots)[r.GPA]; ok {
+				out[i].Slot = int(id)
+			}
+		}
+	}
+	return out
+}
+
+// publishSlots makes the registration's slot numbers visible to views. The
+// caller holds m.wmu and calls it after every change of them.
+func (m *Memory) publishSlots() {
+	if m.reg == nil {
+		m.slotIDs.Store(nil)
+		return
+	}
+	ids := maps.Clone(m.reg.slots)
+	m.slotIDs.Store(&ids)
+}
+
+// End returns the first address past the region.
+func (r region) End() GuestAddress { return r.GPA + GuestAddress(r.Size) }
+
+func (r region) contains(a GuestAddress) bool { return a >= r.GPA && a < r.End() }
 
 // Memory is a guest's physical memory: its regions, placed in one arena with
 // guard gaps between them, backed as chosen, addressed by guest-physical
@@ -168,8 +213,9 @@ type Memory struct {
 	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region
 	// table, and Save's writer holds wmu too. A call from one of them that
 	// would wait for what it holds fails instead (see lock).
-	inCallback reentry.Guard // holds the table
-	inSave     reentry.Guard // holds wmu
+	slotIDs    atomic.Pointer[map[GuestAddress]uint32] // see views
+	inCallback reentry.Guard                           // holds the table
+	inSave     reentry.Guard                           // holds wmu
 }
 
 // ErrReentered is wrapped by the error of a call made from a callback that
@@ -266,11 +312,11 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 		return nil, fmt.Errorf("guestmem: New: guard gap %#x exceeds %#x: %w", c.guard, uint64(maxGuardGap), ErrBadOption)
 	}
 	guard := alignUp(c.guard, align)
-	regions := make([]Region, len(specs))
+	regions := make([]region, len(specs))
 	var arenaCursor, fdCursor uint64 = guard, 0
 	for i, s := range specs {
-		regions[i] = Region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
-			ArenaOffset: int64(arenaCursor), FDOffset: -1}
+		regions[i] = region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
+			arenaOff: int64(arenaCursor), FDOffset: -1}
 		if c.backing != Anonymous {
 			regions[i].FDOffset = int64(fdCursor)
 			fdCursor = alignUp(fdCursor+s.Size, align)
@@ -378,7 +424,7 @@ func (m *Memory) closeFD() error {
 }
 
 // mapRegion maps r into its arena and applies the defaults, for op.
-func (m *Memory) mapRegion(op string, r *Region) error {
+func (m *Memory) mapRegion(op string, r *region) error {
 	var err error
 	size := int64(r.Size)
 	switch m.backing {
@@ -387,19 +433,19 @@ func (m *Memory) mapRegion(op string, r *Region) error {
 	// reported by Prefault (or, unprefaulted, by the kernel's OOM handling)
 	// rather than refused up front for memory the guest may never touch.
 	case Anonymous:
-		err = r.host.AddAnonMapping(r.ArenaOffset, size, arena.ProtReadWrite, arena.Private(), arena.NoReserve())
+		err = r.host.AddAnonMapping(r.arenaOff, size, arena.ProtReadWrite, arena.Private(), arena.NoReserve())
 	case File:
-		err = r.host.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private(),
+		err = r.host.AddFDMapping(r.arenaOff, size, m.fd, r.FDOffset, arena.ProtReadWrite, arena.Private(),
 			arena.NoReserve())
 	default:
-		err = r.host.AddFDMapping(r.ArenaOffset, size, m.fd, r.FDOffset, arena.ProtReadWrite)
+		err = r.host.AddFDMapping(r.arenaOff, size, m.fd, r.FDOffset, arena.ProtReadWrite)
 	}
-	whole := piece{a: r.host, off: r.ArenaOffset, n: size, gpa: r.GPA}
+	whole := piece{a: r.host, off: r.arenaOff, n: size, gpa: r.GPA}
 	if err != nil {
 		return whole.inGuestTerms(op, err)
 	}
-	r.HostAddr = r.host.Addr() + uintptr(r.ArenaOffset)
-	if err := m.applyDefaults(r.host, r.ArenaOffset, size); err != nil {
+	r.HostAddr = r.host.Addr() + uintptr(r.arenaOff)
+	if err := m.applyDefaults(r.host, r.arenaOff, size); err != nil {
 		return whole.inGuestTerms(op, err)
 	}
 	return nil
@@ -435,7 +481,7 @@ func (m *Memory) Close() error {
 	}
 	old := m.publish(&table{closed: true})
 	for _, r := range old.regions {
-		if r.Hotplugged {
+		if r.hotplugged {
 			errs = append(errs, r.host.Close())
 		}
 	}
@@ -467,7 +513,7 @@ func (m *Memory) Regions() []Region {
 		return nil
 	}
 	defer t.release()
-	return slices.Clone(t.regions)
+	return m.views(t.regions)
 }
 
 // Size returns the total bytes of guest RAM.
@@ -490,7 +536,7 @@ func (m *Memory) Region(a GuestAddress) (Region, error) {
 	if !ok {
 		return Region{}, &AddressError{Op: "Region", GPA: a, Len: 1, Err: ErrHole}
 	}
-	return t.regions[i], nil
+	return m.views(t.regions[i : i+1])[0], nil
 }
 
 // HostAddress returns the host virtual address of guest address a. It stays

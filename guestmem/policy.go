@@ -25,7 +25,7 @@ func (m *Memory) spans(t *table, op string, spans []Span) ([]piece, error) {
 	if len(spans) == 0 {
 		all := make([]piece, len(t.regions))
 		for i, r := range t.regions {
-			all[i] = piece{region: i, a: r.host, off: r.ArenaOffset, n: int64(r.Size), gpa: r.GPA}
+			all[i] = piece{region: i, a: r.host, off: r.arenaOff, n: int64(r.Size), gpa: r.GPA}
 		}
 		return all, nil
 	}

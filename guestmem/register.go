@@ -62,7 +62,7 @@ func (g *registration) slot(gpa GuestAddress) (uint32, bool) {
 	return id, ok
 }
 
-func (m *Memory) slotFor(r Region, id uint32) kvm.Slot {
+func (m *Memory) slotFor(r region, id uint32) kvm.Slot {
 	s := kvm.Slot{ID: id, GPA: uint64(r.GPA), Size: r.Size, HostAddr: r.HostAddr}
 	if r.ReadOnly {
 		s.Flags |= kvm.ReadOnly
@@ -73,7 +73,7 @@ func (m *Memory) slotFor(r Region, id uint32) kvm.Slot {
 }
 
 // addSlot gives region r a slot of the registration's VM.
-func (m *Memory) addSlot(r Region) error {
+func (m *Memory) addSlot(r region) error {
 	s, err := m.reg.vm.AddSlot(m.slotFor(r, 0))
 	if err != nil {
 		return err
@@ -123,6 +123,7 @@ func (m *Memory) Register(vm VM) error {
 	if m.tracking {
 		m.trackSeen = true
 	}
+	m.publishSlots()
 	return nil
 }
 
@@ -193,6 +194,7 @@ func (m *Memory) dropSlots(harvest bool) error {
 	}
 	m.reg.cancel()
 	m.reg = nil
+	m.publishSlots()
 	return errors.Join(errs...)
 }
 
@@ -204,17 +206,4 @@ func (m *Memory) VM() (vm VM) {
 		}
 	})
 	return vm
-}
-
-// Slot returns the KVM slot of the region containing a, and whether the
-// memory is registered.
-func (m *Memory) Slot(a GuestAddress) (uint32, bool, error) {
-	r, err := m.Region(a)
-	if err != nil {
-		return 0, false, err
-	}
-	var id uint32
-	var ok bool
-	m.peek(func() { id, ok = m.reg.slot(r.GPA) })
-	return id, ok, nil
 }

@@ -592,7 +592,7 @@ func populatedRuns(entries []uint64, off, ps int64, out []fdRange) []fdRange {
 // SEEK_DATA/SEEK_HOLE on a memfd (shmem counts swapped pages as data),
 // pagemap's present and swapped bits on anonymous memory, and all of
 // it for private file mappings (whose unread pages are data in the file).
-func (m *Memory) populated(r Region) ([]fdRange, error) {
+func (m *Memory) populated(r region) ([]fdRange, error) {
 	switch {
 	case m.backing == Memfd || m.backing == Hugetlb:
 		var out []fdRange

@@ -15,7 +15,7 @@ import (
 // referred to (vm-memory's GuestMemoryAtomic, with a reader count in place
 // of Arc).
 type table struct {
-	regions []Region // sorted by GPA
+	regions []region // sorted by GPA
 	closed  bool
 	readers atomic.Int64
 }
