@@ -345,7 +345,7 @@ func (m *Memory) CompareAndSwapUint64(a GuestAddress, old, newV uint64) (ok bool
 
 // Slice returns guest memory [a, a+n) itself, with no copy; the range must
 // lie in one region (n == 0 gives an empty slice where a is guest RAM). The slice is valid until the region is removed or the
-// Memory closed, and accesses through it are not fault-protected: see
+// Memory closed (Pin keeps it mapped), and accesses through it are not fault-protected: see
 // arena.Mapping.Bytes. Writes through it are invisible to dirty tracking:
 // call MarkDirty for what you wrote.
 func (m *Memory) Slice(a GuestAddress, n uint64) (b []byte, err error) {

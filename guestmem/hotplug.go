@@ -103,7 +103,7 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 	}
 	align := max(uint64(hostAlign), m.pageSize)
 	r := region{GPA: spec.GPA, Size: spec.Size, ReadOnly: spec.ReadOnly, FDOffset: -1,
-		hotplugged: true, arenaOff: int64(m.guard)}
+		hotplugged: true, arenaOff: int64(m.guard), pin: &pinState{}}
 	if m.backing != Anonymous {
 		off, ok := m.hot.alloc(int64(alignUp(spec.Size, align)), int64(align))
 		if !ok {
@@ -166,8 +166,12 @@ func (m *Memory) RemoveRegion(gpa GuestAddress) error {
 		return &AddressError{Op: "RemoveRegion", GPA: gpa, Err: ErrNoRegion}
 	}
 	r := t.regions[i]
+	if err := takeAway("RemoveRegion", t.regions[i:i+1]); err != nil {
+		return err
+	}
 	if id, ok := m.reg.slot(r.GPA); ok {
 		if err := m.reg.vm.DeleteSlot(id); err != nil && !errors.Is(err, kvm.ErrClosed) {
+			giveBack(t.regions[i : i+1])
 			return fmt.Errorf("guestmem: RemoveRegion at %v: %w", gpa, err)
 		}
 		delete(m.reg.slots, r.GPA)

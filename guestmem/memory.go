@@ -145,6 +145,7 @@ type region struct {
 	hotplugged bool         // added by AddRegion, with an arena of its own
 	host       *arena.Arena // the arena holding the region
 	dirty      *dirtyBits   // host-side dirty bitmap while tracking, else nil
+	pin        *pinState    // pins held on it (shared by every table version)
 }
 
 // view is r as a caller sees it, with its slot id (-1: none).
@@ -316,7 +317,7 @@ func New(l Layout, opts ...Option) (*Memory, error) {
 	var arenaCursor, fdCursor uint64 = guard, 0
 	for i, s := range specs {
 		regions[i] = region{GPA: s.GPA, Size: s.Size, ReadOnly: s.ReadOnly,
-			arenaOff: int64(arenaCursor), FDOffset: -1}
+			arenaOff: int64(arenaCursor), FDOffset: -1, pin: &pinState{}}
 		if c.backing != Anonymous {
 			regions[i].FDOffset = int64(fdCursor)
 			fdCursor = alignUp(fdCursor+s.Size, align)
@@ -474,6 +475,9 @@ func (m *Memory) Close() error {
 	defer m.wmu.Unlock()
 	if m.tab.Load().closed {
 		return nil
+	}
+	if err := takeAway("Close", m.tab.Load().regions); err != nil {
+		return err
 	}
 	var errs []error
 	if m.reg != nil {
