@@ -1,6 +1,7 @@
 package guestmem
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -622,4 +623,27 @@ func maxMapCount() int {
 		return 65530
 	}
 	return n
+}
+
+// RestoreFile is Restore of the one snapshot file at path, which may hold a
+// chain (a snapshot and the increments appended to it).
+func RestoreFile(ctx context.Context, path string, opts ...Option) (*Memory, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("guestmem: RestoreFile: %w", err)
+	}
+	defer f.Close()
+	return Restore(ctx, []io.Reader{bufio.NewReaderSize(f, 1<<20)}, opts...)
+}
+
+// RestoreLazyFile is RestoreLazy of the one snapshot file at path, which
+// may hold a chain. The file may be removed afterwards: the mappings keep
+// it alive.
+func RestoreLazyFile(ctx context.Context, path string, opts ...Option) (*Memory, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("guestmem: RestoreLazyFile: %w", err)
+	}
+	defer f.Close()
+	return RestoreLazy(ctx, []*os.File{f}, opts...)
 }

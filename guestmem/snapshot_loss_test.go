@@ -209,3 +209,21 @@ func TestFailedFullSaveKeepsDirtyPages(t *testing.T) {
 		}
 	}
 }
+
+// The one-file forms restore a chain kept in one file, eagerly and lazily.
+func TestRestoreFromOneFile(t *testing.T) {
+	stream, want := chainInOneStream(t)
+	path := writeFile(t, stream).Name()
+	ctx := context.Background()
+	r, err := guestmem.RestoreFile(ctx, path)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, image(t, r)))
+	require.NoError(t, r.Close())
+	l, err := guestmem.RestoreLazyFile(ctx, path)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, image(t, l)))
+	require.NoError(t, l.Close())
+	_, err = guestmem.RestoreFile(ctx, path+".missing")
+	require.ErrorIs(t, err, os.ErrNotExist)
+	oneVoice(t, "missing file", err)
+}
