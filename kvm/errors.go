@@ -23,8 +23,9 @@ var (
 	// as for an *os.File (and arena's and guestmem's), so errors.Is(err,
 	// fs.ErrClosed) serves for every package.
 	ErrClosed = fs.ErrClosed
-	// ErrUnsupported: the kernel lacks the capability the call needs.
-	ErrUnsupported = errors.New("kvm: not supported by this kernel")
+	// ErrUnsupported: the kernel lacks the capability the call needs. It
+	// answers errors.Is(err, errors.ErrUnsupported) too.
+	ErrUnsupported error = unsupported("kvm: not supported by this kernel")
 
 	// ErrSlotLimit: the slot number is at or beyond the kernel's limit
 	// (KVM_CAP_NR_MEMSLOTS), or every slot is in use.
@@ -130,3 +131,11 @@ var (
 	errVMClosed     = fmt.Errorf("the VM is closed: %w", ErrClosed)
 	errVCPUClosed   = fmt.Errorf("the vCPU is closed: %w", ErrClosed)
 )
+
+// unsupported is a sentinel that also matches errors.ErrUnsupported.
+type unsupported string
+
+func (u unsupported) Error() string { return string(u) }
+
+// Is reports whether target is errors.ErrUnsupported.
+func (u unsupported) Is(target error) bool { return target == errors.ErrUnsupported }

@@ -2,6 +2,7 @@ package kvm
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"testing"
 
@@ -61,5 +62,15 @@ func TestTakeOwnership(t *testing.T) {
 	}
 	if _, err := take(3, Ownership(7), "x"); err == nil {
 		t.Fatal("an unknown ownership was accepted")
+	}
+}
+
+func TestErrUnsupportedIsTheStandardOne(t *testing.T) {
+	err := fmt.Errorf("%w: KVM_CAP_X", ErrUnsupported)
+	if !errors.Is(err, ErrUnsupported) || !errors.Is(err, errors.ErrUnsupported) {
+		t.Fatalf("%v does not match both ErrUnsupported", err)
+	}
+	if errors.Is(errors.ErrUnsupported, ErrUnsupported) {
+		t.Fatal("the standard sentinel matches kvm's")
 	}
 }
