@@ -19,8 +19,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/gmem-vmm/gmem/boot"
-	"github.com/gmem-vmm/gmem/internal/testenv"
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 // Debian's kernel, as .ci/fetch-kernel leaves it: vmlinuz (the bzImage of
