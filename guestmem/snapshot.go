@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -19,121 +18,6 @@ import (
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/internal/procfs"
 )
-
-// SnapshotVersion is the version of the snapshot format Save writes and
-// Restore reads. docs/guestmem.md specifies it.
-const SnapshotVersion = 1
-
-// Snapshot errors. Every error from Restore, RestoreLazy and Verify about
-// the stream itself is a *SnapshotError wrapping one of them.
-var (
-	// ErrSnapshotFormat: not a snapshot, or a block is malformed.
-	ErrSnapshotFormat = errors.New("malformed snapshot")
-	// ErrSnapshotVersion: a version this package does not read.
-	ErrSnapshotVersion = errors.New("unknown snapshot version")
-	// ErrSnapshotChecksum: a block or payload does not match its checksum.
-	ErrSnapshotChecksum = errors.New("snapshot checksum mismatch")
-	// ErrSnapshotTruncated: the stream ends before its end block.
-	ErrSnapshotTruncated = errors.New("snapshot truncated")
-	// ErrSnapshotLayout: a record lies outside the snapshot's layout, or an
-	// incremental snapshot's layout differs from its base's.
-	ErrSnapshotLayout = errors.New("snapshot layout mismatch")
-	// ErrSnapshotChain: the first snapshot is incremental, a later one is not,
-	// or an incremental one was taken on another base.
-	ErrSnapshotChain = errors.New("snapshot chain broken")
-	// ErrNeedFullSave: an incremental Save is impossible — no earlier Save,
-	// dirty tracking was not on continuously since it, or the layout changed
-	// (hotplug) since.
-	ErrNeedFullSave = errors.New("incremental save needs a full save first")
-)
-
-// SnapshotError reports a problem with a snapshot stream.
-type SnapshotError struct {
-	Op     string // Restore, RestoreLazy or Verify
-	Stream int    // which reader (or file) of the call, from 0
-	Index  int    // which snapshot of the chain (0: the base), counted across streams
-	Offset int64  // byte offset in that stream of the block at fault
-	Err    error  // a sentinel, possibly wrapping detail
-}
-
-func (e *SnapshotError) Error() string {
-	op := e.Op
-	if op == "" {
-		op = "Verify"
-	}
-	return fmt.Sprintf("guestmem: %s: snapshot %d (stream %d) at byte %d: %v", op, e.Index, e.Stream, e.Offset, e.Err)
-}
-
-// Unwrap returns the cause.
-func (e *SnapshotError) Unwrap() error { return e.Err }
-
-const (
-	blockSize      = 4096
-	headerFixed    = 64
-	regionRecord   = 32
-	maxSnapRegions = 1 << 16
-	entrySize      = 32
-	maxEntries     = (blockSize - 32) / entrySize // 127 per index block
-	kindData       = 1
-	kindZero       = 2
-	flagIncrement  = 1
-	regionReadOnly = 1
-	snapMagic      = "GMEMSNAP"
-	indexMagic     = "GMEMIDX\x00"
-	sumMagic       = "GMEMSUM\x00"
-	endMagic       = "GMEMEND\x00"
-)
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// blockCRC is the CRC-32C of b with its 4 bytes at off taken as zero.
-func blockCRC(b []byte, off int) uint32 {
-	c := crc32.Update(0, castagnoli, b[:off])
-	c = crc32.Update(c, castagnoli, []byte{0, 0, 0, 0})
-	return crc32.Update(c, castagnoli, b[off+4:])
-}
-
-type snapHeader struct {
-	flags   uint32
-	regions Layout
-	id      [16]byte
-	base    [16]byte
-}
-
-func (h *snapHeader) size() int {
-	return int(alignUp(uint64(headerFixed+len(h.regions)*regionRecord), blockSize))
-}
-
-func (h *snapHeader) marshal() []byte {
-	b := make([]byte, h.size())
-	copy(b, snapMagic)
-	le := binary.LittleEndian
-	le.PutUint32(b[8:], SnapshotVersion)
-	le.PutUint32(b[12:], h.flags)
-	le.PutUint32(b[16:], dirtyPage)
-	le.PutUint32(b[20:], uint32(len(h.regions)))
-	le.PutUint32(b[24:], uint32(len(b)))
-	copy(b[32:], h.id[:])
-	copy(b[48:], h.base[:])
-	for i, r := range h.regions {
-		o := headerFixed + i*regionRecord
-		le.PutUint64(b[o:], uint64(r.GPA))
-		le.PutUint64(b[o+8:], r.Size)
-		if r.ReadOnly {
-			le.PutUint64(b[o+16:], regionReadOnly)
-		}
-	}
-	le.PutUint32(b[28:], blockCRC(b, 28))
-	return b
-}
-
-// entry is one record of an index block.
-type entry struct {
-	gpa  GuestAddress
-	n    uint64
-	kind uint32
-	at   int64 // stream offset of the payload (data records)
-}
 
 // SaveOptions tunes Save.
 type SaveOptions struct {
@@ -324,25 +208,10 @@ func (sw *snapWriter) batch(pending []entry) error {
 	if err := sw.ctx.Err(); err != nil {
 		return err
 	}
-	le := binary.LittleEndian
-	idx := make([]byte, blockSize)
-	copy(idx, indexMagic)
-	le.PutUint32(idx[8:], uint32(len(pending)))
-	le.PutUint64(idx[16:], sw.batches)
-	for i, e := range pending {
-		o := 32 + i*entrySize
-		le.PutUint64(idx[o:], uint64(e.gpa))
-		le.PutUint64(idx[o+8:], e.n)
-		le.PutUint32(idx[o+16:], e.kind)
-	}
-	le.PutUint32(idx[12:], blockCRC(idx, 12))
-	if err := sw.write(idx); err != nil {
+	if err := sw.write(indexBlock(pending, sw.batches)); err != nil {
 		return err
 	}
-	sum := make([]byte, blockSize)
-	copy(sum, sumMagic)
-	le.PutUint32(sum[8:], uint32(len(pending)))
-	le.PutUint64(sum[16:], sw.batches)
+	crcs := make([]uint32, len(pending))
 	for i, e := range pending {
 		sw.stats.Records++
 		if e.kind != kindData {
@@ -353,11 +222,10 @@ func (sw *snapWriter) batch(pending []entry) error {
 		if _, err := sw.t.copyTo("Save", cw, e.gpa, e.n); err != nil {
 			return err
 		}
-		le.PutUint32(sum[32+i*4:], cw.crc)
+		crcs[i] = cw.crc
 		sw.stats.DataBytes += e.n
 	}
-	le.PutUint32(sum[12:], blockCRC(sum, 12))
-	if err := sw.write(sum); err != nil {
+	if err := sw.write(sumBlock(crcs, sw.batches)); err != nil {
 		return err
 	}
 	sw.batches++
@@ -365,14 +233,7 @@ func (sw *snapWriter) batch(pending []entry) error {
 }
 
 func (sw *snapWriter) end() error {
-	le := binary.LittleEndian
-	b := make([]byte, blockSize)
-	copy(b, endMagic)
-	le.PutUint64(b[16:], sw.batches)
-	le.PutUint64(b[24:], sw.stats.Records)
-	le.PutUint64(b[32:], sw.stats.DataBytes)
-	le.PutUint32(b[12:], blockCRC(b, 12))
-	return sw.write(b)
+	return sw.write(endBlock(sw.batches, sw.stats.Records, sw.stats.DataBytes))
 }
 
 // crcWriter writes a payload in pieces while a second goroutine checksums
