@@ -15,7 +15,7 @@ import (
 )
 
 func TestAccessSpansContiguousRegions(t *testing.T) {
-	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMemory(t, twoRegions, guestmem.WithMemfd())
 	data := bytes.Repeat([]byte("0123456789"), mib/5) // 2 MiB
 	n, err := m.WriteAt(data, 3*mib)                  // [3 MiB, 5 MiB) crosses the boundary at 4 MiB
 	require.NoError(t, err)
@@ -140,7 +140,7 @@ func TestTypedAtomicAndSlice(t *testing.T) {
 }
 
 func TestConcurrentAccess(t *testing.T) {
-	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMemory(t, twoRegions, guestmem.WithMemfd())
 	var wg sync.WaitGroup
 	for w := 0; w < 4; w++ {
 		wg.Add(1)

@@ -22,7 +22,7 @@ func BenchmarkSetup64GiB(b *testing.B) {
 	for _, backing := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 		b.Run(backing.String(), func(b *testing.B) {
 			for b.Loop() {
-				m, err := guestmem.New(guestmem.X86Layout(64<<30), guestmem.WithBacking(backing))
+				m, err := guestmem.New(guestmem.X86Layout(64<<30), withBacking(backing))
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -46,7 +46,7 @@ func BenchmarkPrefault4GiB(b *testing.B) {
 	layout := guestmem.X86Layout(size)
 	for _, backing := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 		fresh := func(b *testing.B) *guestmem.Memory {
-			m, err := guestmem.New(layout, guestmem.WithBacking(backing))
+			m, err := guestmem.New(layout, withBacking(backing))
 			if err != nil {
 				b.Fatal(err)
 			}

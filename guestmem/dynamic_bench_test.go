@@ -19,7 +19,7 @@ import (
 // with non-zero data: 1 GiB populated, 3 GiB never touched.
 func quarterFull(b *testing.B, backing guestmem.Backing) (*guestmem.Memory, uint64) {
 	b.Helper()
-	m, err := guestmem.New(guestmem.X86Layout(4<<30), guestmem.WithBacking(backing))
+	m, err := guestmem.New(guestmem.X86Layout(4<<30), withBacking(backing))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -271,7 +271,7 @@ func BenchmarkCollectDirty4GiB(b *testing.B) {
 // out.
 func BenchmarkHotplug1GiB(b *testing.B) {
 	vm := testenv.VM(b)
-	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 64 * mib}}, guestmem.WithBacking(guestmem.Memfd),
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 64 * mib}}, guestmem.WithMemfd(),
 		guestmem.WithHotplug(1<<30))
 	if err != nil {
 		b.Fatal(err)

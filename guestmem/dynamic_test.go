@@ -67,7 +67,7 @@ func TestDirtyTrackingHostWrites(t *testing.T) {
 func TestDiscard(t *testing.T) {
 	for _, backing := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 		t.Run(backing.String(), func(t *testing.T) {
-			m := newMemory(t, snapLayout, guestmem.WithBacking(backing))
+			m := newMemory(t, snapLayout, withBacking(backing))
 			_, err := m.WriteAt(bytes.Repeat([]byte{0xee}, 8*mib), 0)
 			require.NoError(t, err)
 			rss := func() uint64 {
@@ -119,7 +119,7 @@ func TestDiscard(t *testing.T) {
 }
 
 func TestHotplugHostSide(t *testing.T) {
-	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithBacking(guestmem.Memfd),
+	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithMemfd(),
 		guestmem.WithHotplug(6*mib))
 	r, err := m.AddRegion(guestmem.RegionSpec{GPA: 1 << 32, Size: 4 * mib})
 	require.NoError(t, err)
@@ -173,7 +173,7 @@ func TestHotplugHostSide(t *testing.T) {
 // Readers of one region run while another is added and removed over and
 // over: they never see an error or a torn table (run under -race).
 func TestHotplugConcurrentReaders(t *testing.T) {
-	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithBacking(guestmem.Memfd),
+	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithMemfd(),
 		guestmem.WithHotplug(2*mib))
 	require.NoError(t, m.WriteUint64(64, 0x1234))
 	var stop atomic.Bool

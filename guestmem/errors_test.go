@@ -45,7 +45,7 @@ func atGPA(t *testing.T, what string, err error, gpa guestmem.GuestAddress, sent
 // both guestmem's re-export and the arena's own.
 func TestErrorsAreInGuestTerms(t *testing.T) {
 	ctx := context.Background()
-	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMemory(t, twoRegions, guestmem.WithMemfd())
 
 	_, err := m.LoadUint64(4*mib + 3)
 	atGPA(t, "misaligned atomic", err, 4*mib+3, guestmem.ErrUnaligned)
@@ -93,7 +93,7 @@ func TestErrorsAreInGuestTerms(t *testing.T) {
 	}
 	_, err = guestmem.New(twoRegions, guestmem.WithHugetlb(3))
 	oneVoice(t, "bad hugetlb size", err)
-	_, err = guestmem.New(twoRegions, guestmem.WithBacking(guestmem.File))
+	_, err = guestmem.New(twoRegions, guestmem.WithFile(nil))
 	oneVoice(t, "File without a file", err)
 	_, err = guestmem.Restore(ctx, []io.Reader{strings.NewReader("not a snapshot")})
 	oneVoice(t, "restore of garbage", err)

@@ -14,7 +14,7 @@ import (
 // Building guest RAM with the x86 layout, backed by a sealed memfd that a
 // vhost-user device could map.
 func ExampleNew() {
-	m, err := guestmem.New(guestmem.X86Layout(4<<30), guestmem.WithBacking(guestmem.Memfd))
+	m, err := guestmem.New(guestmem.X86Layout(4<<30), guestmem.WithMemfd())
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func ExampleMemory_Save() {
 // Hot-add a region, write into it, give part of it back to the host, and
 // remove it.
 func ExampleMemory_AddRegion() {
-	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 2 << 20}}, guestmem.WithBacking(guestmem.Memfd),
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 2 << 20}}, guestmem.WithMemfd(),
 		guestmem.WithHotplug(8<<20))
 	if err != nil {
 		panic(err)

@@ -275,7 +275,7 @@ func TestVMCloseHarvestsTheDirtyLog(t *testing.T) {
 	ctx := context.Background()
 	for _, how := range []string{"vm close", "unregister"} {
 		t.Run(how, func(t *testing.T) {
-			m := newMemory(t, fakeLayout, guestmem.WithBacking(guestmem.Memfd))
+			m := newMemory(t, fakeLayout, guestmem.WithMemfd())
 			vm := newFakeVM(8)
 			require.NoError(t, m.Register(vm))
 			require.NoError(t, m.StartDirtyTracking())

@@ -65,22 +65,52 @@ type config struct {
 	guard    uint64
 	name     string
 	hotplug  uint64
-	expect   Layout // Restore: the layout the snapshot must have
+	expect   Layout   // Restore: the layout the snapshot must have
+	backings []string // the backing options given, to refuse two
 }
 
-// WithBacking chooses the backing (default Anonymous).
-func WithBacking(b Backing) Option { return func(c *config) { c.backing = b } }
+// Each backing is chosen by one option; giving two is ErrBadOption. With
+// none, guest RAM is Anonymous.
+
+// WithAnonymous backs guest RAM with private anonymous memory (the default).
+func WithAnonymous() Option { return backingOption("WithAnonymous", Anonymous, nil) }
+
+// WithMemfd backs guest RAM with one sealed memfd shared by all regions at
+// increasing offsets (crosvm's model), which another process can map.
+func WithMemfd() Option { return backingOption("WithMemfd", Memfd, nil) }
 
 // WithHugetlb backs guest RAM with a hugetlb memfd of pageSize pages
-// (2 MiB or 1 GiB on x86). region addresses and sizes must be multiples of it.
+// (2 MiB or 1 GiB on x86). Region addresses and sizes must be multiples of it.
 func WithHugetlb(pageSize uint64) Option {
-	return func(c *config) { c.backing, c.hugeSize = Hugetlb, pageSize }
+	o := backingOption("WithHugetlb", Hugetlb, nil)
+	return func(c *config) { o(c); c.hugeSize = pageSize }
 }
 
 // WithFile backs guest RAM with f, mapped privately: region i is at the file
 // offset it would have in a Memfd backing of the same layout (FileSize gives
 // the size needed). The file is never modified. f may be closed after New.
-func WithFile(f *os.File) Option { return func(c *config) { c.backing, c.file = File, f } }
+// A nil f is ErrBacking.
+func WithFile(f *os.File) Option { return backingOption("WithFile", File, f) }
+
+func backingOption(name string, b Backing, f *os.File) Option {
+	return func(c *config) {
+		c.backing, c.file = b, f
+		c.backings = append(c.backings, name)
+	}
+}
+
+// check refuses options that contradict each other or do not apply to op.
+func (c *config) check(op string) error {
+	if len(c.backings) > 1 {
+		return fmt.Errorf("guestmem: %s: %w: %s choose different backings; give one", op, ErrBadOption,
+			strings.Join(c.backings, " and "))
+	}
+	if op == "New" && c.expect != nil {
+		return fmt.Errorf("guestmem: New: %w: WithLayout applies to Restore and RestoreLazy, whose layout "+
+			"comes from the snapshot", ErrBadOption)
+	}
+	return nil
+}
 
 // WithMaxAddress sets the top of the guest-physical address space (default
 // MaxGuestAddress), e.g. 1 << MAXPHYADDR of the guest CPU.
@@ -291,10 +321,23 @@ func closedErr(op string) error {
 // hugetlb backings are sealed against growing and shrinking, so no one can
 // make the VMM fault by truncating guest RAM.
 func New(l Layout, opts ...Option) (*Memory, error) {
+	c := newConfig(opts)
+	if err := c.check("New"); err != nil {
+		return nil, err
+	}
+	return newMemory(l, c)
+}
+
+func newConfig(opts []Option) config {
 	c := config{top: MaxGuestAddress, guard: hostAlign, name: "guest-ram"}
 	for _, o := range opts {
 		o(&c)
 	}
+	return c
+}
+
+// newMemory is New with its options applied and checked.
+func newMemory(l Layout, c config) (*Memory, error) {
 	pageSize := uint64(os.Getpagesize())
 	if c.backing == Hugetlb {
 		if c.hugeSize == 0 || bits.OnesCount64(c.hugeSize) != 1 || c.hugeSize < pageSize {
@@ -382,7 +425,7 @@ func (m *Memory) open(c config) error {
 		return nil
 	case File:
 		if c.file == nil {
-			return fmt.Errorf("guestmem: New: %w: File backing needs WithFile", ErrBacking)
+			return fmt.Errorf("guestmem: New: %w: WithFile(nil)", ErrBacking)
 		}
 		fd, err := unix.Dup(int(c.file.Fd()))
 		if err != nil {

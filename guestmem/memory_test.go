@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -83,7 +84,7 @@ func TestBackings(t *testing.T) {
 	}{
 		{"anonymous", func(*testing.T) []guestmem.Option { return nil }, false},
 		{"memfd", func(*testing.T) []guestmem.Option {
-			return []guestmem.Option{guestmem.WithBacking(guestmem.Memfd)}
+			return []guestmem.Option{guestmem.WithMemfd()}
 		}, true},
 		{"file", func(t *testing.T) []guestmem.Option {
 			path := filepath.Join(t.TempDir(), "ram")
@@ -122,7 +123,7 @@ func TestBackings(t *testing.T) {
 }
 
 func TestMemfdIsSealedAndShared(t *testing.T) {
-	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMemory(t, twoRegions, guestmem.WithMemfd())
 	err := unix.Ftruncate(m.FD(), 0)
 	require.ErrorIs(t, err, unix.EPERM, "the memfd cannot shrink under the guest")
 	err = unix.Ftruncate(m.FD(), 1<<30)
@@ -158,7 +159,7 @@ func TestFileBackingIsPrivateAndTooSmallIsAnError(t *testing.T) {
 	defer small.Close()
 	_, err = guestmem.New(twoRegions, guestmem.WithFile(small))
 	require.ErrorIs(t, err, guestmem.ErrBacking)
-	_, err = guestmem.New(twoRegions, guestmem.WithBacking(guestmem.File))
+	_, err = guestmem.New(twoRegions, guestmem.WithFile(nil))
 	require.ErrorIs(t, err, guestmem.ErrBacking)
 }
 
@@ -195,7 +196,7 @@ func TestHugetlbExhaustionIsAnErrorNotSIGBUS(t *testing.T) {
 func TestPrefault(t *testing.T) {
 	for _, b := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 		t.Run(b.String(), func(t *testing.T) {
-			m := newMemory(t, twoRegions, guestmem.WithBacking(b))
+			m := newMemory(t, twoRegions, withBacking(b))
 			var calls int
 			var last, total uint64
 			err := m.Prefault(context.Background(), guestmem.PrefaultOptions{
@@ -270,7 +271,7 @@ func TestPolicy(t *testing.T) {
 // where dropping would zero the guest's pages, it is refused, whole guest or
 // span alike, and nothing is dropped.
 func TestDropPageCacheKeepsGuestData(t *testing.T) {
-	shared := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	shared := newMemory(t, twoRegions, guestmem.WithMemfd())
 	require.NoError(t, shared.WriteUint64(0, 0xfeed))
 	require.NoError(t, shared.WriteUint64(16*mib, 0xbeef))
 	require.NoError(t, shared.LockOnFault(guestmem.Span{GPA: 0, Size: 2 * mib}))
@@ -311,7 +312,7 @@ func TestDropPageCacheKeepsGuestData(t *testing.T) {
 }
 
 func TestClosed(t *testing.T) {
-	m, err := guestmem.New(twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m, err := guestmem.New(twoRegions, guestmem.WithMemfd())
 	require.NoError(t, err)
 	fd := m.FD()
 	require.NoError(t, m.Close())
@@ -338,4 +339,41 @@ func mapsPerms(t testing.TB, addr uintptr) string {
 	t.Helper()
 	v, _ := testenv.VMAAt(t, addr)
 	return v.Perms
+}
+
+// withBacking is the backing option for b, for tests that loop over
+// backings (hugetlb and file need arguments, so are not among them).
+func withBacking(b guestmem.Backing) guestmem.Option {
+	switch b {
+	case guestmem.Memfd:
+		return guestmem.WithMemfd()
+	case guestmem.Anonymous:
+		return guestmem.WithAnonymous()
+	}
+	panic("withBacking: " + b.String())
+}
+
+// One option per backing: two are refused, as is WithLayout given to New
+// (it applies to the restores) and a nil file.
+func TestConflictingOptionsAreRefused(t *testing.T) {
+	f := writeFile(t, make([]byte, guestmem.FileSize(twoRegions)))
+	for what, opts := range map[string][]guestmem.Option{
+		"memfd and hugetlb":  {guestmem.WithMemfd(), guestmem.WithHugetlb(2 * mib)},
+		"anonymous and file": {guestmem.WithAnonymous(), guestmem.WithFile(f)},
+		"layout to New":      {guestmem.WithLayout(twoRegions)},
+	} {
+		m, err := guestmem.New(twoRegions, opts...)
+		require.Nil(t, m, what)
+		require.ErrorIs(t, err, guestmem.ErrBadOption, what)
+		oneVoice(t, what, err)
+	}
+	_, err := guestmem.New(twoRegions, guestmem.WithFile(nil))
+	require.ErrorIs(t, err, guestmem.ErrBacking)
+	_, err = guestmem.Restore(context.Background(), []io.Reader{bytes.NewReader(nil)}, guestmem.WithMemfd(),
+		guestmem.WithAnonymous())
+	require.ErrorIs(t, err, guestmem.ErrBadOption)
+	m, err := guestmem.New(twoRegions, guestmem.WithMemfd())
+	require.NoError(t, err)
+	require.Equal(t, guestmem.Memfd, m.Backing())
+	require.NoError(t, m.Close())
 }

@@ -13,7 +13,7 @@ import (
 // A pinned range stays mapped: RemoveRegion and Close fail with ErrPinned
 // (and change nothing) until Unpin.
 func TestPinKeepsMemoryMapped(t *testing.T) {
-	m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMemory(t, twoRegions, guestmem.WithMemfd())
 	require.NoError(t, m.WriteUint64(16*mib+8, 0x99))
 	p, err := m.Pin(16*mib, 4096)
 	require.NoError(t, err)
@@ -51,7 +51,7 @@ func TestPinKeepsMemoryMapped(t *testing.T) {
 // granted always reads mapped memory (an unmapped one would crash the
 // test), and a RemoveRegion that succeeds had no pin.
 func TestPinRacesRemoveRegion(t *testing.T) {
-	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithBacking(guestmem.Memfd), guestmem.WithHotplug(4*mib))
+	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithMemfd(), guestmem.WithHotplug(4*mib))
 	const hot = 64 * mib
 	_, err := m.AddRegion(guestmem.RegionSpec{GPA: hot, Size: 2 * mib})
 	require.NoError(t, err)

@@ -116,7 +116,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 		}
 		for _, c := range calls {
 			t.Run(h.name+"/"+c.name, func(t *testing.T) {
-				m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd), guestmem.WithHotplug(4*mib))
+				m := newMemory(t, twoRegions, guestmem.WithMemfd(), guestmem.WithHotplug(4*mib))
 				require.NoError(t, m.WriteUint64(0, 0x1234))
 				require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 				var inner error
@@ -141,7 +141,7 @@ func TestCallbacksCannotDeadlockTheMemory(t *testing.T) {
 
 	// What does not wait for the holder works from inside it.
 	t.Run("Save/readers", func(t *testing.T) {
-		m := newMemory(t, twoRegions, guestmem.WithBacking(guestmem.Memfd))
+		m := newMemory(t, twoRegions, guestmem.WithMemfd())
 		require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 		var fd int
 		var tracking bool

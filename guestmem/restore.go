@@ -85,9 +85,9 @@ func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory,
 	if len(streams) == 0 {
 		return nil, fmt.Errorf("guestmem: Restore: no snapshot: %w", ErrBadOption)
 	}
-	c := config{top: MaxGuestAddress}
-	for _, o := range opts {
-		o(&c)
+	c := newConfig(opts)
+	if err := c.check("Restore"); err != nil {
+		return nil, err
 	}
 	var m *Memory
 	var prev *SnapshotInfo
@@ -110,7 +110,7 @@ func Restore(ctx context.Context, streams []io.Reader, opts ...Option) (*Memory,
 					return err
 				}
 				if m == nil {
-					if m, err = New(sr.info.Layout, opts...); err != nil {
+					if m, err = newMemory(sr.info.Layout, c); err != nil {
 						return err
 					}
 				}
@@ -276,9 +276,9 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	if len(files) == 0 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: no snapshot: %w", ErrBadOption)
 	}
-	c := config{top: MaxGuestAddress}
-	for _, o := range opts {
-		o(&c)
+	c := newConfig(opts)
+	if err := c.check("RestoreLazy"); err != nil {
+		return nil, err
 	}
 	if c.backing != Anonymous || c.hotplug != 0 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: lazily restored memory is anonymous with file-backed "+
@@ -343,7 +343,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: the snapshots hold %d records, each a memory area, and "+
 			"vm.max_map_count is %d: restore eagerly, or raise the limit", ErrBacking, mappings, limit)
 	}
-	m, err := New(prev.Layout, opts...)
+	m, err := newMemory(prev.Layout, c)
 	if err != nil {
 		return nil, withOp("RestoreLazy", err)
 	}

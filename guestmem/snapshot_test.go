@@ -80,7 +80,7 @@ func writeFile(t testing.TB, b []byte) *os.File {
 func TestSnapshotRoundTrip(t *testing.T) {
 	for _, backing := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 		t.Run(backing.String(), func(t *testing.T) {
-			m := newMemory(t, snapLayout, guestmem.WithBacking(backing))
+			m := newMemory(t, snapLayout, withBacking(backing))
 			pages := scribble(t, m, 0xabc)
 			want := image(t, m)
 			snap, st := save(t, m, false)
@@ -96,7 +96,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 
 			for _, into := range []guestmem.Backing{guestmem.Anonymous, guestmem.Memfd} {
 				r, err := guestmem.Restore(context.Background(), []io.Reader{bytes.NewReader(snap)},
-					guestmem.WithBacking(into))
+					withBacking(into))
 				require.NoError(t, err)
 				require.Equal(t, m.Regions()[1].GPA, r.Regions()[1].GPA)
 				require.True(t, r.Regions()[2].ReadOnly)
@@ -125,7 +125,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 }
 
 func TestSnapshotIncremental(t *testing.T) {
-	m := newMemory(t, snapLayout, guestmem.WithBacking(guestmem.Memfd), guestmem.WithHotplug(4*mib))
+	m := newMemory(t, snapLayout, guestmem.WithMemfd(), guestmem.WithHotplug(4*mib))
 	scribble(t, m, 0x1)
 	_, err := m.Save(context.Background(), &bytes.Buffer{}, guestmem.SaveOptions{Incremental: true})
 	require.ErrorIs(t, err, guestmem.ErrNeedFullSave, "no earlier save")

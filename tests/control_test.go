@@ -112,7 +112,7 @@ func TestRunContextStopsTheGuest(t *testing.T) {
 // the rest equal what the guest wrote.
 func TestPauseSaveResume(t *testing.T) {
 	noLeaks(t)
-	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithBacking(guestmem.Memfd))
+	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 4 * mib}}, guestmem.WithMemfd())
 	mach := vmWith(t, m)
 	at, err := mach.LoadAsm(guest.Count())
 	require.NoError(t, err)

@@ -107,7 +107,7 @@ func hostSum(t *testing.T, m *guestmem.Memory, start, end uint64) uint64 {
 // back to MMIO exits.
 func TestHotplugWhileGuestRuns(t *testing.T) {
 	noLeaks(t)
-	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithBacking(guestmem.Memfd),
+	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 2 * mib}}, guestmem.WithMemfd(),
 		guestmem.WithHotplug(64*mib))
 	mach := vmWith(t, m)
 	const hot, target, want = 1 << 30, 1<<30 + 0x2008, 0x600d_cafe
@@ -184,7 +184,7 @@ func TestBalloonDiscard(t *testing.T) {
 		t.Run(backing.String(), func(t *testing.T) {
 			noLeaks(t)
 			const size = 128 * mib
-			m := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithBacking(backing))
+			m := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, withBacking(backing))
 			mach := vmWith(t, m)
 			fill(t, mach, 0, size, seed)
 
@@ -223,7 +223,7 @@ func TestBalloonDiscard(t *testing.T) {
 func TestDirtyUnionOfGuestAndHost(t *testing.T) {
 	noLeaks(t)
 	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 32 * mib}, {GPA: 64 * mib, Size: 32 * mib}},
-		guestmem.WithBacking(guestmem.Memfd))
+		guestmem.WithMemfd())
 	require.NoError(t, m.StartDirtyTracking()) // before Register: slots are created logging
 	mach := vmWith(t, m)
 	// Warm up: the first run may touch nothing of guest RAM, but collect anyway.
@@ -281,7 +281,7 @@ func collect(d *guestmem.DirtySet) []guestmem.Span {
 func TestSnapshotRestoreIntoNewVM(t *testing.T) {
 	noLeaks(t)
 	layout := guestmem.Layout{{GPA: 0, Size: 32 * mib}, {GPA: 64 * mib, Size: 16 * mib}}
-	m := newMem(t, layout, guestmem.WithBacking(guestmem.Memfd))
+	m := newMem(t, layout, guestmem.WithMemfd())
 	require.NoError(t, m.StartDirtyTracking())
 	mach := vmWith(t, m)
 	// The guest writes every other 1 MiB of region 1 and all of region 2.
@@ -340,7 +340,7 @@ func TestSnapshotRestoreIntoNewVM(t *testing.T) {
 	r, err = guestmem.RestoreLazy(context.Background(), open("base"))
 	require.NoError(t, err)
 	check("lazy", r, want)
-	r, err = guestmem.Restore(context.Background(), readers("base", "inc"), guestmem.WithBacking(guestmem.Anonymous))
+	r, err = guestmem.Restore(context.Background(), readers("base", "inc"), guestmem.WithAnonymous())
 	require.NoError(t, err)
 	check("eager base+increment", r, want2)
 	r, err = guestmem.RestoreLazy(context.Background(), open("base", "inc"))
@@ -359,4 +359,16 @@ func saveTo(t *testing.T, m *guestmem.Memory, path string, inc bool) guestmem.Sa
 	require.NoError(t, err)
 	require.Equal(t, info.Size(), st.Bytes)
 	return st
+}
+
+// withBacking is the backing option for b, for tests that loop over
+// backings (hugetlb and file need arguments, so are not among them).
+func withBacking(b guestmem.Backing) guestmem.Option {
+	switch b {
+	case guestmem.Memfd:
+		return guestmem.WithMemfd()
+	case guestmem.Anonymous:
+		return guestmem.WithAnonymous()
+	}
+	panic("withBacking: " + b.String())
 }

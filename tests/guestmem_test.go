@@ -31,7 +31,7 @@ func TestGuestFillsEveryPageOfEveryBacking(t *testing.T) {
 	}{
 		{"anonymous", func(*testing.T) []guestmem.Option { return nil }},
 		{"memfd", func(*testing.T) []guestmem.Option {
-			return []guestmem.Option{guestmem.WithBacking(guestmem.Memfd)}
+			return []guestmem.Option{guestmem.WithMemfd()}
 		}},
 		{"hugetlb", func(t *testing.T) []guestmem.Option {
 			testenv.NeedHugetlbPages(t, int(threeRegions.Size()/(2*mib)))
@@ -78,7 +78,7 @@ func TestPrefaultAndGuestTouch(t *testing.T) {
 		}
 		return n
 	}
-	m := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithBacking(guestmem.Memfd))
+	m := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithMemfd())
 	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{}))
 	require.Equal(t, uint64(size), resident(m), "prefaulted before any guest code ran")
 
@@ -93,7 +93,7 @@ func TestPrefaultAndGuestTouch(t *testing.T) {
 // LockOnFault: the guest touches N pages; Locked grows by N pages, not more.
 func TestLockOnFaultCountsGuestTouches(t *testing.T) {
 	noLeaks(t)
-	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 64 * mib}}, guestmem.WithBacking(guestmem.Memfd))
+	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 64 * mib}}, guestmem.WithMemfd())
 	mach := vmWith(t, m)
 	require.NoError(t, m.LockOnFault())
 	locked := func() uint64 {
@@ -113,7 +113,7 @@ func TestLockOnFaultCountsGuestTouches(t *testing.T) {
 // by guest address and writes a reply that the guest reads back.
 func TestDeviceStyleDescriptor(t *testing.T) {
 	noLeaks(t)
-	m := newMem(t, threeRegions, guestmem.WithBacking(guestmem.Memfd))
+	m := newMem(t, threeRegions, guestmem.WithMemfd())
 	mach := vmWith(t, m)
 	type desc struct {
 		Addr  uint64

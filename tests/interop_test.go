@@ -36,7 +36,7 @@ func TestAdoptGokvmVM(t *testing.T) {
 				require.Equal(t, int(vmfd), vm.FD())
 			}
 
-			m := newMem(t, guestmem.Layout{{GPA: 0, Size: 16 * mib}}, guestmem.WithBacking(guestmem.Memfd))
+			m := newMem(t, guestmem.Layout{{GPA: 0, Size: 16 * mib}}, guestmem.WithMemfd())
 			mach, err := guest.New(vm, guest.Config{})
 			require.NoError(t, err)
 			require.NoError(t, m.StartDirtyTracking())

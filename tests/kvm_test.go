@@ -24,6 +24,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/internal/guest"
+	"github.com/gmem-vmm/gmem/internal/procfs"
 	"github.com/gmem-vmm/gmem/internal/testenv"
 	"github.com/gmem-vmm/gmem/kvm"
 )
@@ -181,7 +182,7 @@ func kvmLeakCheck(t *testing.T) {
 	})
 }
 
-// openFDs lists "fd -> target" for the process's open fds, sorted.
+// fdTable lists "fd -> target" for the process's open fds, sorted.
 func fdTable(t testing.TB) []string {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
@@ -200,33 +201,20 @@ func fdTable(t testing.TB) []string {
 	return out
 }
 
-// ourMappings lists, from /proc/self/smaps, the VMAs that only this
+// moduleMappings lists, from /proc/self/smaps, the VMAs that only this
 // module's code makes: KVM run pages (anon_inode:kvm-vcpu), memfd and
-// shared mappings, and MADV_DONTDUMP ("dd") mappings.
+// shared mappings, and MADV_DONTDUMP ("dd") mappings, each as its maps line.
 func moduleMappings(t testing.TB) []string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/smaps")
+	vmas, err := procfs.Smaps()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out []string
-	var cur string
-	keep := false
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 {
-			continue
-		}
-		if strings.Contains(f[0], "-") && len(f) >= 5 && !strings.HasSuffix(f[0], ":") {
-			cur = line
-			keep = strings.Contains(line, "kvm") || strings.Contains(line, "memfd:") || f[1][3] == 's'
-			if keep {
-				out = append(out, cur)
-			}
-			continue
-		}
-		if f[0] == "VmFlags:" && !keep && slices.Contains(f[1:], "dd") {
-			out = append(out, cur)
+	for _, v := range vmas {
+		if strings.Contains(v.Path, "kvm") || strings.Contains(v.Path, "memfd:") ||
+			strings.HasSuffix(v.Perms, "s") || v.HasFlag("dd") {
+			out = append(out, fmt.Sprintf("%x-%x %s %08x %s %d %s", v.Start, v.End, v.Perms, v.Offset, v.Dev, v.Inode, v.Path))
 		}
 	}
 	return out

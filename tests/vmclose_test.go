@@ -22,7 +22,7 @@ import (
 func TestVMCloseKeepsTheDirtyLog(t *testing.T) {
 	noLeaks(t)
 	m := newMem(t, guestmem.Layout{{GPA: 0, Size: 16 * mib}, {GPA: 32 * mib, Size: 16 * mib}},
-		guestmem.WithBacking(guestmem.Memfd))
+		guestmem.WithMemfd())
 	require.NoError(t, m.StartDirtyTracking())
 	vm, err := testenv.KVM(t).CreateVM()
 	require.NoError(t, err)

@@ -88,9 +88,12 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 
 	var m *guestmem.Memory
 	if err := timed("map guest RAM", func() (string, error) {
-		opts := []guestmem.Option{guestmem.WithBacking(c.Backing), guestmem.WithName("gmem-run")}
-		if c.Backing == guestmem.Hugetlb {
-			opts = []guestmem.Option{guestmem.WithHugetlb(2 << 20)}
+		opts := []guestmem.Option{guestmem.WithName("gmem-run")}
+		switch c.Backing {
+		case guestmem.Memfd:
+			opts = append(opts, guestmem.WithMemfd())
+		case guestmem.Hugetlb:
+			opts = append(opts, guestmem.WithHugetlb(2<<20))
 		}
 		if !c.Hugepages {
 			opts = append(opts, guestmem.WithoutTransparentHugepages())
