@@ -1,5 +1,6 @@
-// Package procfs reads what /proc says about this process's memory. It is
-// the one place the project parses /proc/self/pagemap.
+// Package procfs reads what /proc says about process memory. It is the one
+// place the project parses /proc's maps, smaps, smaps_rollup and pagemap
+// files.
 package procfs
 
 import (
