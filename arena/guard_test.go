@@ -1,7 +1,6 @@
 package arena_test
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"math/rand/v2"
@@ -12,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // TestMapFixedStaysInsideArena places guard pages directly against both ends
@@ -172,32 +173,16 @@ func unmapGuard(addr uintptr) {
 	unix.Syscall(unix.SYS_MUNMAP, addr, uintptr(page), 0)
 }
 
-// pmVmFlags returns the VmFlags line of /proc/self/smaps for the VMA that
-// contains addr.
+// pmVmFlags returns the VmFlags of the VMA that contains addr, from
+// /proc/self/smaps.
 func pmVmFlags(t testing.TB, addr uintptr) []string {
 	t.Helper()
-	f, err := os.Open("/proc/self/smaps")
+	vmas, err := procfs.SmapsRange(addr, addr+1)
 	require.NoError(t, err)
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	in := false
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) == 0 {
-			continue
-		}
-		var lo, hi uintptr
-		if n, _ := fmt.Sscanf(fields[0], "%x-%x", &lo, &hi); n == 2 && len(fields) >= 5 {
-			in = lo <= addr && addr < hi
-			continue
-		}
-		if in && fields[0] == "VmFlags:" {
-			return slices.Clone(fields[1:])
-		}
+	if len(vmas) == 0 {
+		t.Fatalf("no VmFlags for %#x in /proc/self/smaps", addr)
 	}
-	require.NoError(t, sc.Err())
-	t.Fatalf("no VmFlags for %#x in /proc/self/smaps", addr)
-	return nil
+	return vmas[0].Flags
 }
 
 // pmOutcomes formats an engine's outcome counts for the log.

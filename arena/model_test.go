@@ -5,14 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"strconv"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // The op engine below drives an arena and a plain reference model with the
@@ -431,22 +430,13 @@ type pmVMA struct {
 
 func pmParse(t testing.TB) []pmVMA {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/maps")
+	vmas, err := procfs.Maps()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []pmVMA
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		lo, hi, _ := strings.Cut(f[0], "-")
-		s, _ := strconv.ParseUint(lo, 16, 64)
-		en, _ := strconv.ParseUint(hi, 16, 64)
-		off, _ := strconv.ParseUint(f[2], 16, 64)
-		ino, _ := strconv.ParseUint(f[4], 10, 64)
-		out = append(out, pmVMA{start: uintptr(s), end: uintptr(en), perms: f[1], offset: off, inode: ino})
+	out := make([]pmVMA, len(vmas))
+	for i, v := range vmas {
+		out[i] = pmVMA{start: v.Start, end: v.End, perms: v.Perms, offset: v.Offset, inode: v.Inode}
 	}
 	return out
 }

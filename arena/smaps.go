@@ -1,12 +1,10 @@
 package arena
 
 import (
-	"bufio"
 	"fmt"
-	"os"
 	"slices"
-	"strconv"
-	"strings"
+
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // Stats is what /proc/self/smaps says about the VMAs (kernel memory areas)
@@ -78,87 +76,31 @@ func (m *Mapping) statsRange(off, n int64) (Stats, error) {
 	return readSmaps(m.addr+uintptr(off), m.addr+uintptr(off+n))
 }
 
-// readSmaps parses /proc/self/smaps for VMAs intersecting [start, end).
+// readSmaps sums /proc/self/smaps over the VMAs intersecting [start, end).
 func readSmaps(start, end uintptr) (Stats, error) {
-	f, err := os.Open("/proc/self/smaps")
+	vmas, err := procfs.SmapsRange(start, end)
 	if err != nil {
 		return Stats{}, fmt.Errorf("arena: reading smaps: %w", err)
 	}
-	defer f.Close()
 	var st Stats
-	var cur *VMA
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		fields := strings.Fields(line)
-		if len(fields) == 0 {
-			continue
-		}
-		if lo, hi, ok := parseVMARange(fields[0]); ok && len(fields) >= 5 {
-			cur = nil
-			if lo < end && hi > start {
-				st.VMAs = append(st.VMAs, VMA{Start: lo, End: hi, Perms: fields[1]})
-				cur = &st.VMAs[len(st.VMAs)-1]
-			}
-			continue
-		}
-		if cur == nil {
-			continue
-		}
-		key := strings.TrimSuffix(fields[0], ":")
-		if key == "VmFlags" {
-			cur.Flags = fields[1:]
-			continue
-		}
-		if len(fields) != 3 || fields[2] != "kB" {
-			continue
-		}
-		kb, err := strconv.ParseInt(fields[1], 10, 64)
-		if err != nil {
-			continue
-		}
-		b := kb << 10
-		switch key {
-		case "Rss":
-			cur.Rss = b
-			st.Rss += b
-		case "Locked":
-			cur.Locked = b
-			st.Locked += b
-		case "AnonHugePages":
-			st.AnonHugePages += b
-			cur.HugePages += b
-		case "ShmemPmdMapped":
-			st.ShmemPmdMapped += b
-			cur.HugePages += b
-		case "FilePmdMapped":
-			st.FilePmdMapped += b
-			cur.HugePages += b
-		case "Shared_Hugetlb", "Private_Hugetlb":
-			st.Hugetlb += b
-			cur.Hugetlb += b
-			cur.HugePages += b
-		case "Swap":
-			st.Swap += b
-		}
+	if len(vmas) > 0 {
+		st.VMAs = make([]VMA, len(vmas))
 	}
-	if err := sc.Err(); err != nil {
-		return Stats{}, fmt.Errorf("arena: reading smaps: %w", err)
+	for i := range vmas {
+		v := &vmas[i]
+		hugetlb := v.SharedHugetlb + v.PrivateHugetlb
+		st.VMAs[i] = VMA{
+			Start: v.Start, End: v.End, Perms: v.Perms, Flags: v.Flags,
+			Rss: v.Rss, Locked: v.Locked, Hugetlb: hugetlb,
+			HugePages: v.AnonHugePages + v.ShmemPmdMapped + v.FilePmdMapped + hugetlb,
+		}
+		st.Rss += v.Rss
+		st.Locked += v.Locked
+		st.AnonHugePages += v.AnonHugePages
+		st.ShmemPmdMapped += v.ShmemPmdMapped
+		st.FilePmdMapped += v.FilePmdMapped
+		st.Hugetlb += hugetlb
+		st.Swap += v.Swap
 	}
 	return st, nil
-}
-
-// parseVMARange parses the "start-end" hex field that opens a VMA's record.
-func parseVMARange(s string) (lo, hi uintptr, ok bool) {
-	a, b, found := strings.Cut(s, "-")
-	if !found {
-		return 0, 0, false
-	}
-	l, err1 := strconv.ParseUint(a, 16, 64)
-	h, err2 := strconv.ParseUint(b, 16, 64)
-	if err1 != nil || err2 != nil {
-		return 0, 0, false
-	}
-	return uintptr(l), uintptr(h), true
 }
