@@ -387,16 +387,6 @@ func TestWaitForPrompt(t *testing.T) {
 	}
 }
 
-func TestParseMapsLine(t *testing.T) {
-	v, ok := parseMapsLine("7f0000000000-7f0100000000 rw-s 00000000 00:01 2048      /dev/zero (deleted)")
-	if !ok || v.start != 0x7f0000000000 || v.end != 0x7f0100000000 || v.perms != "rw-s" || v.path != "/dev/zero (deleted)" {
-		t.Fatalf("parseMapsLine = %+v, %v", v, ok)
-	}
-	if _, ok := parseMapsLine("Rss:  4 kB"); ok {
-		t.Fatal("an smaps field parsed as a mapping")
-	}
-}
-
 // A lazy guest (strategy none, no peers) populates nothing, so it may be
 // larger than the host's available memory; anything that populates may not.
 func TestBenchLazyGuestLargerThanMemory(t *testing.T) {

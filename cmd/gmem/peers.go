@@ -17,6 +17,8 @@ import (
 
 	"github.com/bobuhiro11/gokvm/machine"
 	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // ---- QEMU ----
@@ -178,23 +180,16 @@ func lastLine(s string) string {
 // processHugeFraction returns the bytes process pid maps with huge pages
 // (THP, shmem PMD, hugetlb) as a fraction of size, from its smaps_rollup.
 func processHugeFraction(pid int, size uint64) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	r, err := procfs.SmapsRollup(pid)
 	if err != nil || size == 0 {
 		return 0
 	}
-	var huge uint64
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		switch f[0] {
-		case "AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:":
-			v, _ := strconv.ParseUint(f[1], 10, 64)
-			huge += v << 10
-		}
-	}
-	return min(1, float64(huge)/float64(size))
+	return min(1, float64(hugeBytes(&r))/float64(size))
+}
+
+// hugeBytes is what v maps with huge pages: THP, shmem or file PMDs, hugetlb.
+func hugeBytes(v *procfs.VMA) int64 {
+	return v.AnonHugePages + v.ShmemPmdMapped + v.FilePmdMapped + v.SharedHugetlb + v.PrivateHugetlb
 }
 
 // qemuVersion returns the first line of qemu --version.
@@ -242,7 +237,7 @@ func gokvmJob(kvmPath string, size Size) job {
 				return s, errors.Join(err, serr)
 			}
 			if mem, ok := after.newShared(before, uint64(size)); ok {
-				s.huge, s.resident = smapsFractions(mem.start, uint64(size))
+				s.huge, s.resident = smapsFractions(mem.Start, uint64(size))
 			}
 			t1 := time.Now()
 			rerr := releaseGokvm(before, after, uint64(size))
@@ -270,22 +265,15 @@ func gokvmVersion() string {
 	return "github.com/bobuhiro11/gokvm"
 }
 
-// procVMA is one line of /proc/self/maps.
-type procVMA struct {
-	start, end uintptr
-	perms      string
-	path       string
-}
-
 // procSnapshot is this process's open fds (with their targets) and
 // mappings at one moment.
 type procSnapshot struct {
 	fds  map[int]string
-	vmas map[uintptr]procVMA // by start address
+	vmas map[uintptr]procfs.VMA // by start address, from /proc/self/maps
 }
 
 func snapshotProc() (procSnapshot, error) {
-	s := procSnapshot{fds: map[int]string{}, vmas: map[uintptr]procVMA{}}
+	s := procSnapshot{fds: map[int]string{}, vmas: map[uintptr]procfs.VMA{}}
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return s, err
@@ -299,52 +287,28 @@ func snapshotProc() (procSnapshot, error) {
 			s.fds[fd] = t
 		}
 	}
-	b, err := os.ReadFile("/proc/self/maps")
+	vmas, err := procfs.Maps()
 	if err != nil {
 		return s, err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := parseMapsLine(line); ok {
-			s.vmas[v.start] = v
-		}
+	for _, v := range vmas {
+		s.vmas[v.Start] = v
 	}
 	return s, nil
 }
 
-// parseMapsLine parses "start-end perms offset dev inode [path]".
-func parseMapsLine(line string) (procVMA, bool) {
-	f := strings.Fields(line)
-	if len(f) < 5 {
-		return procVMA{}, false
-	}
-	lo, hi, ok := strings.Cut(f[0], "-")
-	if !ok {
-		return procVMA{}, false
-	}
-	l, err1 := strconv.ParseUint(lo, 16, 64)
-	h, err2 := strconv.ParseUint(hi, 16, 64)
-	if err1 != nil || err2 != nil {
-		return procVMA{}, false
-	}
-	v := procVMA{start: uintptr(l), end: uintptr(h), perms: f[1]}
-	if len(f) > 5 {
-		v.path = strings.Join(f[5:], " ")
-	}
-	return v, true
-}
-
 // newShared returns the shared mapping of exactly size bytes that is in s
 // but not in before: gokvm's guest RAM.
-func (s procSnapshot) newShared(before procSnapshot, size uint64) (procVMA, bool) {
+func (s procSnapshot) newShared(before procSnapshot, size uint64) (procfs.VMA, bool) {
 	for start, v := range s.vmas {
 		if _, old := before.vmas[start]; old {
 			continue
 		}
-		if uint64(v.end-v.start) == size && strings.HasSuffix(v.perms, "s") && !strings.HasPrefix(v.path, "anon_inode:") {
+		if uint64(v.End-v.Start) == size && strings.HasSuffix(v.Perms, "s") && !strings.HasPrefix(v.Path, "anon_inode:") {
 			return v, true
 		}
 	}
-	return procVMA{}, false
+	return procfs.VMA{}, false
 }
 
 // releaseGokvm closes the KVM VM and vCPU fds and unmaps the guest RAM and
@@ -357,11 +321,11 @@ func releaseGokvm(before, after procSnapshot, size uint64) error {
 		if _, old := before.vmas[start]; old {
 			continue
 		}
-		guestRAM := uint64(v.end-v.start) == size && strings.HasSuffix(v.perms, "s") &&
-			!strings.HasPrefix(v.path, "anon_inode:")
-		if guestRAM || strings.HasPrefix(v.path, "anon_inode:kvm-vcpu") {
-			if _, _, e := unix.Syscall(unix.SYS_MUNMAP, v.start, v.end-v.start, 0); e != 0 {
-				errs = append(errs, fmt.Errorf("munmap %s at %#x: %w", v.path, v.start, e))
+		guestRAM := uint64(v.End-v.Start) == size && strings.HasSuffix(v.Perms, "s") &&
+			!strings.HasPrefix(v.Path, "anon_inode:")
+		if guestRAM || strings.HasPrefix(v.Path, "anon_inode:kvm-vcpu") {
+			if _, _, e := unix.Syscall(unix.SYS_MUNMAP, v.Start, v.End-v.Start, 0); e != 0 {
+				errs = append(errs, fmt.Errorf("munmap %s at %#x: %w", v.Path, v.Start, e))
 			}
 		}
 	}
@@ -381,34 +345,10 @@ func releaseGokvm(before, after procSnapshot, size uint64) error {
 // smapsFractions returns the huge and resident fractions of size bytes
 // of the VMA starting at start, from /proc/self/smaps.
 func smapsFractions(start uintptr, size uint64) (huge, resident float64) {
-	b, err := os.ReadFile("/proc/self/smaps")
-	if err != nil || size == 0 {
+	vmas, err := procfs.SmapsRange(start, start+1)
+	if err != nil || len(vmas) == 0 || vmas[0].Start != start || size == 0 {
 		return 0, 0
 	}
-	in := false
-	var h, r uint64
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := parseMapsLine(line); ok {
-			if in {
-				break
-			}
-			in = v.start == start
-			continue
-		}
-		if !in {
-			continue
-		}
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		n, _ := strconv.ParseUint(f[1], 10, 64)
-		switch f[0] {
-		case "Rss:":
-			r += n << 10
-		case "AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:":
-			h += n << 10
-		}
-	}
-	return float64(h) / float64(size), float64(r) / float64(size)
+	v := &vmas[0]
+	return float64(hugeBytes(v)) / float64(size), float64(v.Rss) / float64(size)
 }

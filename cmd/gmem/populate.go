@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"runtime/debug"
 	"sync"
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/fault"
 	"golang.org/x/sys/unix"
 )
 
@@ -191,32 +191,35 @@ func eachShare(b []byte, granule uint64, workers int, fn func([]byte) error) err
 	return errors.Join(errs...)
 }
 
-// catchFault turns a memory fault during a touch of mapped memory into an
-// error instead of a crash.
-func catchFault(err *error) {
-	if r := recover(); r != nil {
-		*err = fmt.Errorf("memory fault while touching guest RAM: %v", r)
+// touchFault names a memory fault (a *fault.Error) that a touch of guest
+// RAM caught; other errors pass unchanged.
+func touchFault(err error) error {
+	var fe *fault.Error
+	if errors.As(err, &fe) {
+		return fmt.Errorf("touching guest RAM: %w", err)
 	}
+	return err
 }
 
 // touchChunk is how many bytes the touch loops do between checks of ctx.
 const touchChunk = 64 << 20
 
 // touchPages writes one byte in every 4 KiB page of b from this goroutine,
-// as a VMM that populates by touching does.
-func touchPages(ctx context.Context, b []byte) (err error) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer catchFault(&err)
-	for lo := 0; lo < len(b); lo += touchChunk {
-		if err := ctx.Err(); err != nil {
-			return err
+// as a VMM that populates by touching does. A memory fault is an error, not
+// a crash.
+func touchPages(ctx context.Context, b []byte) error {
+	return touchFault(fault.Do(func() error {
+		for lo := 0; lo < len(b); lo += touchChunk {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			hi := min(len(b), lo+touchChunk)
+			for i := lo; i < hi; i += 4096 {
+				b[i] = 1
+			}
 		}
-		hi := min(len(b), lo+touchChunk)
-		for i := lo; i < hi; i += 4096 {
-			b[i] = 1
-		}
-	}
-	return nil
+		return nil
+	}))
 }
 
 // memset clears b with workers goroutines, each on one contiguous share.
@@ -224,14 +227,14 @@ func memset(ctx context.Context, b []byte, workers int) error {
 	return eachShare(b, 2<<20, workers, func(share []byte) error { return clearChunks(ctx, share) })
 }
 
-func clearChunks(ctx context.Context, b []byte) (err error) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer catchFault(&err)
-	for lo := 0; lo < len(b); lo += touchChunk {
-		if err := ctx.Err(); err != nil {
-			return err
+func clearChunks(ctx context.Context, b []byte) error {
+	return touchFault(fault.Do(func() error {
+		for lo := 0; lo < len(b); lo += touchChunk {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			clear(b[lo:min(len(b), lo+touchChunk)])
 		}
-		clear(b[lo:min(len(b), lo+touchChunk)])
-	}
-	return nil
+		return nil
+	}))
 }

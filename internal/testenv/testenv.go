@@ -4,11 +4,11 @@ package testenv
 
 import (
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/gmem-vmm/gmem/internal/procfs"
 	"github.com/gmem-vmm/gmem/kvm"
 )
 
@@ -27,40 +27,19 @@ func NeedHugetlbPages(t testing.TB, n int) {
 }
 
 // VMA is one kernel memory area of this process, from /proc/self/smaps.
-type VMA struct {
-	Start, End uintptr
-	Perms      string   // e.g. "rw-p"
-	Flags      []string // VmFlags mnemonics, e.g. "dd", "hg"
-}
+type VMA = procfs.VMA
 
 // VMAAt returns the VMA containing addr; ok is false if addr is unmapped.
 func VMAAt(t testing.TB, addr uintptr) (v VMA, ok bool) {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/smaps")
+	vmas, err := procfs.SmapsRange(addr, addr+1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 {
-			continue
-		}
-		if lo, hi, isRange := strings.Cut(f[0], "-"); isRange && len(f) >= 5 {
-			l, err1 := strconv.ParseUint(lo, 16, 64)
-			h, err2 := strconv.ParseUint(hi, 16, 64)
-			if ok { // the VMA we wanted is complete
-				return v, true
-			}
-			if err1 == nil && err2 == nil && uintptr(l) <= addr && addr < uintptr(h) {
-				v, ok = VMA{Start: uintptr(l), End: uintptr(h), Perms: f[1]}, true
-			}
-			continue
-		}
-		if ok && f[0] == "VmFlags:" {
-			v.Flags = f[1:]
-		}
+	if len(vmas) == 0 {
+		return VMA{}, false
 	}
-	return v, ok
+	return vmas[0], true
 }
 
 // GuestMappings counts this process's memory areas marked MADV_DONTDUMP
@@ -70,14 +49,13 @@ func VMAAt(t testing.TB, addr uintptr) (v VMA, ok bool) {
 // behind.
 func GuestMappings(t testing.TB) int {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/smaps")
+	vmas, err := procfs.Smaps()
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		flags := strings.Fields(line)
-		if strings.HasPrefix(line, "VmFlags:") && slices.Contains(flags, "dd") && !slices.Contains(flags, "wf") {
+	for i := range vmas {
+		if vmas[i].HasFlag("dd") && !vmas[i].HasFlag("wf") {
 			n++
 		}
 	}
