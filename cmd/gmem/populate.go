@@ -49,8 +49,11 @@ func backingByName(name string, hugePage uint64) (Backing, error) {
 
 // guestmemOptions are the guestmem.New options for b.
 func (b Backing) guestmemOptions() []guestmem.Option {
-	opts := []guestmem.Option{guestmem.WithBacking(b.Kind), guestmem.WithName("gmem-bench")}
-	if b.Kind == guestmem.Hugetlb {
+	opts := []guestmem.Option{guestmem.WithName("gmem-bench")}
+	switch b.Kind {
+	case guestmem.Memfd:
+		opts = append(opts, guestmem.WithMemfd())
+	case guestmem.Hugetlb:
 		opts = append(opts, guestmem.WithHugetlb(b.HugePage))
 	}
 	if !b.THP {
