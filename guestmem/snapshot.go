@@ -9,13 +9,13 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
-	"runtime/debug"
 	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/fault"
 	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
@@ -281,18 +281,8 @@ func (c *checksummer) stop() { close(c.jobs) }
 // checksum reads guest memory: a fault (a truncated backing file) comes
 // back as a result, not a crash.
 func checksum(j crcJob) (r crcResult) {
-	old := debug.SetPanicOnFault(true)
-	defer debug.SetPanicOnFault(old)
-	defer func() {
-		if v := recover(); v != nil {
-			f, ok := v.(interface{ Addr() uintptr })
-			if !ok {
-				panic(v)
-			}
-			r = crcResult{fault: f.Addr(), faulted: true}
-		}
-	}()
-	return crcResult{crc: crc32.Update(j.crc, castagnoli, j.p)}
+	r.fault, r.faulted = fault.Catch(func() { r.crc = crc32.Update(j.crc, castagnoli, j.p) })
+	return r
 }
 
 func (c *crcWriter) Write(b []byte) (n int, err error) {
