@@ -20,8 +20,11 @@ import (
 // Arena is safe for concurrent use: accesses to one range may run while
 // other ranges are added or removed.
 type Arena struct {
-	*Mapping
+	*mapping // unexported, so no caller can swap it; its methods are Arena's
 }
+
+// mapping names Mapping as Arena's embedded field.
+type mapping = Mapping
 
 // ArenaOption configures New.
 type ArenaOption func(*arenaConfig)
@@ -74,14 +77,14 @@ func New(size int64, opts ...ArenaOption) (*Arena, error) {
 	if err := m.adviseNew(0, size, config{}); err != nil {
 		return nil, errors.Join(err, sysMunmap(addr, size))
 	}
-	return &Arena{Mapping: m}, nil
+	return &Arena{mapping: m}, nil
 }
 
 // FromMapping turns m into an Arena whose whole range is one mapping, as
 // crosvm's From<MemoryMapping> for MemoryMappingArena: ranges removed from it
 // become PROT_NONE reservation. m must not be used on its own afterwards
 // except through the returned Arena (they are the same object).
-func FromMapping(m *Mapping) *Arena { return &Arena{Mapping: m} }
+func FromMapping(m *Mapping) *Arena { return &Arena{mapping: m} }
 
 // ReservationProtection is the protection of the arena's unmapped ranges.
 func (a *Arena) ReservationProtection() Protection { return a.reserve }
@@ -100,7 +103,7 @@ func (a *Arena) AddFDMapping(offset, size int64, fd int, fdOffset int64, prot Pr
 
 // AddAnonMapping maps size bytes of fresh anonymous memory at offset in the
 // arena with protection prot. The memory is shared (shmem-backed, so
-// RemoveRange can free it) unless Private is given; HugeTLB, Populate,
+// RemoveRange can free it) unless Private is given; Hugetlb, PopulateOnMap,
 // NoReserve, KeepInCoreDumps and Replace apply.
 func (a *Arena) AddAnonMapping(offset, size int64, prot Protection, opts ...Option) error {
 	return a.add("AddAnonMapping", offset, size, true, -1, 0, prot, opts)

@@ -78,12 +78,12 @@ func TestRemoveMappingRestoresReservationAndFreesPages(t *testing.T) {
 			require.NoError(t, a.AddAnonMapping(2<<20, size, arena.ProtReadWrite, arena.Private()))
 			_, err := a.WriteAt(bytes.Repeat([]byte{1}, size), 2<<20)
 			require.NoError(t, err)
-			require.Equal(t, int64(size), stats(t, a.Mapping, 2<<20, size).Rss)
+			require.Equal(t, int64(size), stats(t, a, 2<<20, size).Rss)
 
 			// Remove the middle: the mapping splits in two.
 			require.NoError(t, a.RemoveMapping(4<<20, 2<<20))
 			require.Equal(t, tc.perms, mapsPerms(t, a.Addr()+4<<20))
-			require.Equal(t, int64(size-2<<20), stats(t, a.Mapping, 2<<20, size).Rss)
+			require.Equal(t, int64(size-2<<20), stats(t, a, 2<<20, size).Rss)
 			require.Equal(t, []arena.MappingInfo{
 				{Offset: 2 << 20, Size: 2 << 20, Prot: arena.ProtReadWrite, Anonymous: true, PageSize: page, FD: -1},
 				{Offset: 6 << 20, Size: 4 << 20, Prot: arena.ProtReadWrite, Anonymous: true, PageSize: page, FD: -1},

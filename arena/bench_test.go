@@ -39,7 +39,7 @@ func BenchmarkReserveAndMap(b *testing.B) {
 // memory with copy between two Go slices of the same size.
 func BenchmarkAccess1MiB(b *testing.B) {
 	const size = 1 << 20
-	m, err := arena.NewAnon(size, arena.Private(), arena.Populate())
+	m, err := arena.NewAnon(size, arena.Private(), arena.PopulateOnMap())
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -158,7 +158,7 @@ func mustMap(b *testing.B) func(*arena.Mapping, error) *arena.Mapping {
 // BenchmarkReadUint64 is the fixed cost of one checked, fault-guarded access
 // (bounds check, read lock, SetPanicOnFault and recover).
 func BenchmarkReadUint64(b *testing.B) {
-	m, err := arena.NewAnon(4096, arena.Private(), arena.Populate())
+	m, err := arena.NewAnon(4096, arena.Private(), arena.PopulateOnMap())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -45,7 +45,9 @@ func residentPages(t testing.TB, m *arena.Mapping, off, n int64) int {
 }
 
 // stats reads smaps for [off, off+n) of m.
-func stats(t testing.TB, m *arena.Mapping, off, n int64) arena.Stats {
+func stats(t testing.TB, m interface {
+	StatsRange(off, n int64) (arena.Stats, error)
+}, off, n int64) arena.Stats {
 	t.Helper()
 	st, err := m.StatsRange(off, n)
 	require.NoError(t, err)

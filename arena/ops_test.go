@@ -184,7 +184,7 @@ func TestPopulateMakesRangeResident(t *testing.T) {
 
 func TestPopulateOptionPrefaultsAtMapTime(t *testing.T) {
 	const size = 4 << 20
-	m, err := arena.NewAnon(size, arena.Private(), arena.Populate())
+	m, err := arena.NewAnon(size, arena.Private(), arena.PopulateOnMap())
 	require.NoError(t, err)
 	defer m.Close()
 	require.Equal(t, int(size/page), residentPages(t, m, 0, size))
@@ -213,7 +213,7 @@ func TestMsyncWritesThroughToFile(t *testing.T) {
 func TestHugetlbMapping(t *testing.T) {
 	testenv.NeedHugetlbPages(t, 4)
 	const huge = 2 << 20
-	m, err := arena.NewAnon(2*huge, arena.Private(), arena.HugeTLB(huge))
+	m, err := arena.NewAnon(2*huge, arena.Private(), arena.Hugetlb(huge))
 	require.NoError(t, err)
 	defer m.Close()
 	require.Zero(t, m.Addr()%huge)
@@ -223,9 +223,9 @@ func TestHugetlbMapping(t *testing.T) {
 	require.Equal(t, int64(2*huge), st.Hugetlb, "hugetlb memory is counted apart from Rss")
 	require.ErrorIs(t, m.Prefetch(0, page), arena.ErrUnaligned, "ranges over hugetlb memory are hugepage-granular")
 
-	_, err = arena.NewAnon(huge+page, arena.HugeTLB(huge))
+	_, err = arena.NewAnon(huge+page, arena.Hugetlb(huge))
 	require.ErrorIs(t, err, arena.ErrUnaligned)
-	_, err = arena.NewAnon(huge, arena.HugeTLB(3<<20))
+	_, err = arena.NewAnon(huge, arena.Hugetlb(3<<20))
 	require.ErrorIs(t, err, arena.ErrBadOption)
 }
 
@@ -234,7 +234,7 @@ func TestHugetlbPoolExhaustionIsAnError(t *testing.T) {
 	const huge = 2 << 20
 	// Reserve nothing up front, then ask for far more pages than any test
 	// pool has: populating must fail with an error, not kill the process.
-	m, err := arena.NewAnon(4096*huge, arena.Private(), arena.HugeTLB(huge), arena.NoReserve())
+	m, err := arena.NewAnon(4096*huge, arena.Private(), arena.Hugetlb(huge), arena.NoReserve())
 	require.NoError(t, err)
 	defer m.Close()
 	err = m.Populate(0, 4096*huge, arena.PopulateWrite)
@@ -294,7 +294,7 @@ func TestFailedAlignedMappingReleasesItsReservation(t *testing.T) {
 		return set
 	}
 	before := reservations()
-	_, err := arena.NewAnon(size, arena.Private(), arena.HugeTLB(huge), arena.Align(1<<30))
+	_, err := arena.NewAnon(size, arena.Private(), arena.Hugetlb(huge), arena.Align(1<<30))
 	require.ErrorIs(t, err, unix.ENOMEM)
 	require.Contains(t, err.Error(), "mmap")
 	for v := range reservations() {

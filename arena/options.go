@@ -31,19 +31,21 @@ func WithProtection(p Protection) Option {
 // so the memory can be handed to another process through its fd.
 func Private() Option { return func(c *config) { c.private = true } }
 
-// Populate asks mmap to prefault the whole mapping (MAP_POPULATE).
-func Populate() Option { return func(c *config) { c.populate = true } }
+// PopulateOnMap asks mmap to prefault the whole mapping (MAP_POPULATE), as
+// it maps. (Mapping.Populate prefaults a range later, with a choice of
+// read or write faults and no failure hidden.)
+func PopulateOnMap() Option { return func(c *config) { c.populate = true } }
 
 // Align places a new Mapping at an address that is a multiple of align, a
 // power of two of at least one page. The mapping is made inside an
 // over-sized PROT_NONE reservation whose slack is unmapped afterwards.
 func Align(align int64) Option { return func(c *config) { c.align = align } }
 
-// HugeTLB backs an anonymous mapping with hugetlb pages of pageSize bytes
+// Hugetlb backs an anonymous mapping with hugetlb pages of pageSize bytes
 // (MAP_HUGETLB with the MAP_HUGE_* size bits). Sizes and offsets must then be
 // multiples of pageSize, and the host needs a pool of such pages
 // (/proc/sys/vm/nr_hugepages or /sys/kernel/mm/hugepages).
-func HugeTLB(pageSize int64) Option { return func(c *config) { c.hugetlb = pageSize } }
+func Hugetlb(pageSize int64) Option { return func(c *config) { c.hugetlb = pageSize } }
 
 // NoReserve maps without reserving swap space (MAP_NORESERVE).
 func NoReserve() Option { return func(c *config) { c.noReserve = true } }

@@ -16,9 +16,9 @@ func TestStatsListsTheVMAsOfTheRange(t *testing.T) {
 	a, err := arena.New(16 * page)
 	require.NoError(t, err)
 	defer a.Close()
-	require.NoError(t, a.AddAnonMapping(2*page, 2*page, arena.ProtReadWrite, arena.Private(), arena.Populate()))
+	require.NoError(t, a.AddAnonMapping(2*page, 2*page, arena.ProtReadWrite, arena.Private(), arena.PopulateOnMap()))
 	require.NoError(t, a.AddAnonMapping(6*page, 3*page, arena.ProtRead, arena.Private()))
-	require.NoError(t, a.AddAnonMapping(10*page, page, arena.ProtReadWrite, arena.Private(), arena.Populate()))
+	require.NoError(t, a.AddAnonMapping(10*page, page, arena.ProtReadWrite, arena.Private(), arena.PopulateOnMap()))
 
 	type vma struct {
 		off, size int64

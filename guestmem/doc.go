@@ -9,8 +9,9 @@
 // *AddressError and never an access outside guest RAM.
 //
 // Memory policy (Prefetch, DropPageCache, LockOnFault, Unlock,
-// SetHugepages) applies to the whole guest or to guest-physical spans, and
-// Prefault populates guest RAM in parallel before the guest runs.
+// UseHugepages, NoHugepages) applies to the whole guest or to
+// guest-physical spans, and Prefault populates guest RAM in parallel before
+// the guest runs.
 //
 // Register gives each region a KVM memory slot. A running guest's memory can
 // grow and shrink (AddRegion, RemoveRegion: the region table is replaced

@@ -116,9 +116,10 @@ func (c *config) check(op string) error {
 // MaxGuestAddress), e.g. 1 << MAXPHYADDR of the guest CPU.
 func WithMaxAddress(top GuestAddress) Option { return func(c *config) { c.top = top } }
 
-// WithoutTransparentHugepages leaves transparent hugepages off (they are
-// requested by default wherever the backing allows).
-func WithoutTransparentHugepages() Option { return func(c *config) { c.noTHP = true } }
+// WithoutHugepages leaves transparent hugepages off (they are requested by
+// default wherever the backing allows; UseHugepages and NoHugepages change
+// it later). Hugetlb memory is huge whatever this says.
+func WithoutHugepages() Option { return func(c *config) { c.noTHP = true } }
 
 // WithGuardGap sets the unmapped gap left between regions, and before the
 // first and after the last, in the host address space (default 2 MiB, at
@@ -317,7 +318,7 @@ func closedErr(op string) error {
 
 // New lays out guest RAM as l, backs it and maps it. Every region is
 // MADV_DONTDUMP and MADV_DONTFORK, and asks for transparent hugepages where
-// the backing allows (WithoutTransparentHugepages to opt out). Memfd and
+// the backing allows (WithoutHugepages to opt out). Memfd and
 // hugetlb backings are sealed against growing and shrinking, so no one can
 // make the VMM fault by truncating guest RAM.
 func New(l Layout, opts ...Option) (*Memory, error) {

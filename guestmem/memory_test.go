@@ -172,7 +172,7 @@ func TestHugetlbBacking(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint64(4*mib), st[0].HugePages)
 	require.Contains(t, smapsFlags(t, m.Regions()[0].HostAddr), "ht")
-	require.ErrorIs(t, m.SetHugepages(false), guestmem.ErrBacking)
+	require.ErrorIs(t, m.NoHugepages(), guestmem.ErrBacking)
 
 	_, err = guestmem.New(guestmem.Layout{{GPA: 0, Size: 4096}}, guestmem.WithHugetlb(2*mib))
 	require.ErrorIs(t, err, guestmem.ErrUnaligned)
@@ -261,7 +261,7 @@ func TestPolicy(t *testing.T) {
 	require.Zero(t, st[2].Locked)
 	require.NoError(t, m.Unlock())
 
-	require.NoError(t, m.SetHugepages(false, guestmem.Span{GPA: 16 * mib, Size: 2 * mib}))
+	require.NoError(t, m.NoHugepages(guestmem.Span{GPA: 16 * mib, Size: 2 * mib}))
 	require.Contains(t, smapsFlags(t, m.Regions()[2].HostAddr), "nh")
 	require.NoError(t, m.Prefetch())
 }

@@ -116,18 +116,25 @@ func (m *Memory) Unlock(spans ...Span) error {
 	return m.each("Unlock", spans, (*arena.Arena).Unlock)
 }
 
-// SetHugepages asks for (on) or forbids (off) transparent hugepages over the
-// spans (MADV_HUGEPAGE / MADV_NOHUGEPAGE). Hugetlb memory is always huge:
-// the call is an error there.
-func (m *Memory) SetHugepages(on bool, spans ...Span) error {
+// UseHugepages asks for transparent hugepages over the spans (the whole
+// guest if none; MADV_HUGEPAGE), as arena.Mapping.UseHugepages does (the
+// default for new memory unless WithoutHugepages). Hugetlb memory is
+// always huge: the call is an error there.
+func (m *Memory) UseHugepages(spans ...Span) error {
+	return m.hugepages("UseHugepages", spans, (*arena.Arena).UseHugepages)
+}
+
+// NoHugepages forbids transparent hugepages over the spans (the whole guest
+// if none; MADV_NOHUGEPAGE). Hugetlb memory: an error.
+func (m *Memory) NoHugepages(spans ...Span) error {
+	return m.hugepages("NoHugepages", spans, (*arena.Arena).NoHugepages)
+}
+
+func (m *Memory) hugepages(op string, spans []Span, fn func(a *arena.Arena, off, n int64) error) error {
 	if m.backing == Hugetlb {
-		return fmt.Errorf("guestmem: SetHugepages: %w: hugetlb memory is always huge", ErrBacking)
+		return fmt.Errorf("guestmem: %s: %w: hugetlb memory is always huge", op, ErrBacking)
 	}
-	fn := (*arena.Arena).NoHugepages
-	if on {
-		fn = (*arena.Arena).UseHugepages
-	}
-	return m.each("SetHugepages", spans, fn)
+	return m.each(op, spans, fn)
 }
 
 // PrefaultOptions tunes Prefault.

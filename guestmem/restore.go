@@ -271,7 +271,7 @@ func (sr *snapReader) verifyPart(ctx context.Context, crcs []uint32) error {
 // check the payloads too. The files are opened read-only by the caller,
 // never written (writes go to private copies), and may be closed after the
 // call. The memory is Anonymous where no record maps a file; opts may set
-// WithGuardGap, WithMaxAddress, WithoutTransparentHugepages and WithName.
+// WithGuardGap, WithMaxAddress, WithoutHugepages and WithName.
 func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory, error) {
 	if len(files) == 0 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: no snapshot: %w", ErrBadOption)

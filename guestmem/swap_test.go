@@ -56,7 +56,7 @@ func withSwap(t *testing.T) {
 func TestSaveKeepsSwappedOutPages(t *testing.T) {
 	withSwap(t)
 	m := newMemory(t, guestmem.Layout{{GPA: 0, Size: 8 * mib}, {GPA: 16 * mib, Size: 4 * mib}},
-		guestmem.WithoutTransparentHugepages())
+		guestmem.WithoutHugepages())
 	scribble(t, m, 0x77)
 	want := image(t, m)
 

@@ -82,7 +82,7 @@ func TestPrefaultAndGuestTouch(t *testing.T) {
 	require.NoError(t, m.Prefault(context.Background(), guestmem.PrefaultOptions{}))
 	require.Equal(t, uint64(size), resident(m), "prefaulted before any guest code ran")
 
-	lazy := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithoutTransparentHugepages())
+	lazy := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithoutHugepages())
 	mach := vmWith(t, lazy)
 	require.Zero(t, resident(lazy))
 	const touched = 300

@@ -57,7 +57,7 @@ func (b Backing) guestmemOptions() []guestmem.Option {
 		opts = append(opts, guestmem.WithHugetlb(b.HugePage))
 	}
 	if !b.THP {
-		opts = append(opts, guestmem.WithoutTransparentHugepages())
+		opts = append(opts, guestmem.WithoutHugepages())
 	}
 	return opts
 }
@@ -85,7 +85,7 @@ type plainMapping struct {
 func mapPlain(size uint64, b Backing, populate bool) (*plainMapping, error) {
 	var opts []arena.Option
 	if populate {
-		opts = append(opts, arena.Populate())
+		opts = append(opts, arena.PopulateOnMap())
 	}
 	var m *arena.Mapping
 	var err error

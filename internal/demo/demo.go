@@ -96,7 +96,7 @@ func Run(ctx context.Context, c Config, step func(Step)) (rep Report, err error)
 			opts = append(opts, guestmem.WithHugetlb(2<<20))
 		}
 		if !c.Hugepages {
-			opts = append(opts, guestmem.WithoutTransparentHugepages())
+			opts = append(opts, guestmem.WithoutHugepages())
 		}
 		var err error
 		if m, err = guestmem.New(layout, opts...); err != nil {
