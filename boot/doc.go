@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Package boot loads a Linux kernel into guest memory and says how to start
 // the boot vCPU, as rust-vmm's linux-loader does for Firecracker and Cloud
 // Hypervisor. Two entry paths:

@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Package tests holds the integration tests that cross packages and need a
 // real kernel: guest code run on /dev/kvm through internal/guest, against
 // memory from arena and guestmem. kvm_test.go covers the kvm package and

@@ -1,3 +1,5 @@
+//go:build amd64
+
 package tests
 
 // Integration tests of package kvm with real guest code (internal/guest)

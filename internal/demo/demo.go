@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Package demo is the main job of `gmem run`: it builds guest memory with a
 // hole in its layout, prefaults it, registers it with KVM, runs guest code
 // that writes and verifies every page, then shows dirty tracking, a balloon

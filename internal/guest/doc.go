@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Package guest runs tiny x86-64 guest programs on KVM, for the
 // integration tests and the gmem demo.
 //
