@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/units"
 	"github.com/gmem-vmm/gmem/kvm"
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
@@ -571,7 +572,7 @@ func summarizeJob(j job, samples []sample, warmup int) Result {
 		return max(s.mapT, 0) + max(s.register, 0) + max(s.prefault, 0)
 	})
 	if r.Prefault != nil {
-		r.GiBps = gibPerSec(uint64(j.size), r.Prefault.Median)
+		r.GiBps = units.GiBPerSec(uint64(j.size), r.Prefault.Median)
 	}
 	last := samples[len(samples)-1]
 	r.Huge, r.Resident, r.Note = last.huge, last.resident, last.note

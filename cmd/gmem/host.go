@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/gmem-vmm/gmem/internal/units"
 )
 
 // The host facts both commands read come from /proc and /sys through an
@@ -80,7 +82,7 @@ func checkFits(fsys fs.FS, size Size, flag string) error {
 	if uint64(size) > mi.Available {
 		return fmt.Errorf("size %v (%d bytes) is more than this host's available memory: MemAvailable is %s "+
 			"(%d bytes) of %s total (/proc/meminfo); choose a smaller %s", size, uint64(size),
-			Human(mi.Available), mi.Available, Human(mi.Total), flag)
+			units.Human(mi.Available), mi.Available, units.Human(mi.Total), flag)
 	}
 	return nil
 }

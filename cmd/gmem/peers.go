@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/internal/procfs"
+	"github.com/gmem-vmm/gmem/internal/units"
 )
 
 // ---- QEMU ----
@@ -85,8 +86,8 @@ func qemuJob(qemu string, size Size, bk Backing, threads int, haveKVM bool) (job
 			}
 		}
 		base := median(offs)
-		note := fmt.Sprintf("QEMU start to prompt without prealloc: %s (median of %d), subtracted", fmtDur(base),
-			len(offs))
+		note := fmt.Sprintf("QEMU start to prompt without prealloc: %s (median of %d), subtracted",
+			units.FormatDuration(base), len(offs))
 		once := func(ctx context.Context) (sample, error) {
 			s := sample{mapT: notApplicable, register: notApplicable, teardown: notApplicable, note: note}
 			tOn, huge, err := qemuTimeToPrompt(ctx, qemu, on, uint64(size))

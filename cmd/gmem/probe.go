@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/arena"
+	"github.com/gmem-vmm/gmem/internal/units"
 	"github.com/gmem-vmm/gmem/kvm"
 	"golang.org/x/sys/unix"
 )
@@ -379,8 +380,8 @@ func advise(p *Probe) []string {
 		msg += ", so memfd-backed guests (needed for vhost-user) are populated and mapped 4 KiB at a time"
 		if c := p.PopulateCost; c != nil && c.AnonTHP > 0 {
 			msg += fmt.Sprintf(": populating %s took %s anonymous with THP (%.1f GiB/s) and %s as a memfd "+
-				"(%.1f GiB/s), %.1fx longer", Human(c.Size), fmtDur(c.AnonTHP), gibPerSec(c.Size, c.AnonTHP),
-				fmtDur(c.Memfd), gibPerSec(c.Size, c.Memfd), c.Ratio())
+				"(%.1f GiB/s), %.1fx longer", units.Human(c.Size), units.FormatDuration(c.AnonTHP), units.GiBPerSec(c.Size, c.AnonTHP),
+				units.FormatDuration(c.Memfd), units.GiBPerSec(c.Size, c.Memfd), c.Ratio())
 		}
 		a = append(a, msg+". Set shmem_enabled to advise (echo advise > "+
 			"/sys/kernel/mm/transparent_hugepage/shmem_enabled; guestmem asks MADV_HUGEPAGE on every region), "+
@@ -404,7 +405,7 @@ func advise(p *Probe) []string {
 			"echo N > /proc/sys/vm/nr_hugepages (N 2 MiB pages), or hugepagesz=1G hugepages=N on the kernel command line.")
 	}
 	if p.Memlock.Error == "" && p.Memlock.Soft >= 0 && uint64(p.Memlock.Soft) < p.Memory.Total/2 {
-		limit := Human(uint64(p.Memlock.Soft))
+		limit := units.Human(uint64(p.Memlock.Soft))
 		if p.Memlock.CapIPCLock {
 			a = append(a, fmt.Sprintf("RLIMIT_MEMLOCK is %s, but this process has CAP_IPC_LOCK, which exempts it. A VMM "+
 				"run without CAP_IPC_LOCK could lock only %s of guest RAM (LockOnFault).", limit, limit))
@@ -417,7 +418,7 @@ func advise(p *Probe) []string {
 	if p.Overcommit.Mode == 2 {
 		a = append(a, fmt.Sprintf("overcommit_memory=2 (strict): MAP_NORESERVE is ignored and all guest RAM counts "+
 			"against CommitLimit (%s, %s committed): a guest larger than what remains cannot be created.",
-			Human(p.Memory.CommitLimit), Human(p.Memory.Committed)))
+			units.Human(p.Memory.CommitLimit), units.Human(p.Memory.Committed)))
 	}
 	if !p.PopulateWrite.Works {
 		a = append(a, "MADV_POPULATE_WRITE does not work here ("+p.PopulateWrite.Error+"): Prefault falls back to "+
@@ -443,7 +444,7 @@ func renderProbe(w io.Writer, p *Probe) error {
 
 	section("HOST")
 	row("kernel", "%s", p.Kernel)
-	row("memory", "%s available of %s", Human(p.Memory.Available), Human(p.Memory.Total))
+	row("memory", "%s available of %s", units.Human(p.Memory.Available), units.Human(p.Memory.Total))
 
 	section("KVM")
 	switch {
@@ -461,7 +462,7 @@ func renderProbe(w io.Writer, p *Probe) error {
 		row("guest_memfd", "%s", yes(c.GuestMemfd))
 		row("manual dirty log", "%s", yes(c.ManualDirtyLog))
 		if c.DirtyRingBytes > 0 {
-			row("dirty ring", "yes, up to %s", Human(uint64(c.DirtyRingBytes)))
+			row("dirty ring", "yes, up to %s", units.Human(uint64(c.DirtyRingBytes)))
 		} else {
 			row("dirty ring", "no")
 		}
@@ -497,7 +498,7 @@ func renderProbe(w io.Writer, p *Probe) error {
 			if v < 0 {
 				return "unlimited"
 			}
-			return Human(uint64(v))
+			return units.Human(uint64(v))
 		}
 		exempt := ""
 		if p.Memlock.CapIPCLock {
@@ -518,10 +519,10 @@ func renderProbe(w io.Writer, p *Probe) error {
 	row("mlock2(MLOCK_ONFAULT)", "%s", works(p.MlockOnFault))
 
 	if c := p.PopulateCost; c != nil {
-		section("POPULATE COST (" + Human(c.Size) + ", " + c.Method + ")")
-		row("anonymous + THP", "%s (%.1f GiB/s, %.0f%% huge)", fmtDur(c.AnonTHP), gibPerSec(c.Size, c.AnonTHP),
+		section("POPULATE COST (" + units.Human(c.Size) + ", " + c.Method + ")")
+		row("anonymous + THP", "%s (%.1f GiB/s, %.0f%% huge)", units.FormatDuration(c.AnonTHP), units.GiBPerSec(c.Size, c.AnonTHP),
 			100*c.AnonHuge)
-		row("memfd", "%s (%.1f GiB/s, %.0f%% huge)", fmtDur(c.Memfd), gibPerSec(c.Size, c.Memfd), 100*c.MemfdHuge)
+		row("memfd", "%s (%.1f GiB/s, %.0f%% huge)", units.FormatDuration(c.Memfd), units.GiBPerSec(c.Size, c.Memfd), 100*c.MemfdHuge)
 		row("memfd / anonymous", "%.1fx", c.Ratio())
 	}
 	section("ADVICE")
@@ -549,29 +550,4 @@ func (e *errWriter) Write(p []byte) (int, error) {
 	n, err := e.w.Write(p)
 	e.err = err
 	return n, err
-}
-
-// fmtDur formats d with three significant digits: 812µs, 41.3ms, 2.05s.
-func fmtDur(d time.Duration) string {
-	switch {
-	case d <= 0:
-		return "0"
-	case d < time.Microsecond:
-		return fmt.Sprintf("%dns", d.Nanoseconds())
-	case d < time.Millisecond:
-		return trim3(float64(d)/1e3) + "µs"
-	case d < time.Second:
-		return trim3(float64(d)/1e6) + "ms"
-	}
-	return trim3(d.Seconds()) + "s"
-}
-
-func trim3(v float64) string {
-	switch {
-	case v >= 100:
-		return fmt.Sprintf("%.0f", v)
-	case v >= 10:
-		return fmt.Sprintf("%.1f", v)
-	}
-	return fmt.Sprintf("%.2f", v)
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/gmem-vmm/gmem/internal/units"
 )
 
 // Report is everything one gmem bench run measured.
@@ -162,7 +164,7 @@ func ns(d time.Duration) string { return strconv.FormatInt(d.Nanoseconds(), 10) 
 func writeTable(w io.Writer, r *Report) error {
 	h := r.Host
 	fmt.Fprintf(w, "host: %s, %d CPUs, %s RAM, THP enabled=%s defrag=%s shmem_enabled=%s, load %.2f-%.2f\n",
-		h.Kernel, h.CPUs, Human(h.Memory), h.THP.Enabled, h.THP.Defrag, h.THP.ShmemEnabled, h.LoadStart, h.LoadEnd)
+		h.Kernel, h.CPUs, units.Human(h.Memory), h.THP.Enabled, h.THP.Defrag, h.THP.ShmemEnabled, h.LoadStart, h.LoadEnd)
 	if h.QEMU != "" || h.GoKVM != "" {
 		fmt.Fprintf(w, "peers: %s\n", strings.Join(nonEmpty(h.QEMU, h.GoKVM), "; "))
 	}
@@ -177,7 +179,7 @@ func writeTable(w io.Writer, r *Report) error {
 		}
 		cold := "-"
 		if res.Setup != nil {
-			cold = fmtDur(res.Setup.Cold)
+			cold = units.FormatDuration(res.Setup.Cold)
 		}
 		gibs := "-"
 		if res.GiBps > 0 {
@@ -210,7 +212,7 @@ func medianCell(s *Summary) string {
 	if s == nil {
 		return "-"
 	}
-	return fmtDur(s.Median)
+	return units.FormatDuration(s.Median)
 }
 
 func spreadCell(s *Summary) string {
@@ -218,9 +220,9 @@ func spreadCell(s *Summary) string {
 		return "-"
 	}
 	if s.N < 2 {
-		return fmtDur(s.Median)
+		return units.FormatDuration(s.Median)
 	}
-	return fmt.Sprintf("%s [%s-%s]", fmtDur(s.Median), fmtDur(s.Min), fmtDur(s.Max))
+	return fmt.Sprintf("%s [%s-%s]", units.FormatDuration(s.Median), units.FormatDuration(s.Min), units.FormatDuration(s.Max))
 }
 
 func nonEmpty(ss ...string) []string {

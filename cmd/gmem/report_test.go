@@ -131,15 +131,6 @@ func TestTable(t *testing.T) {
 	}
 }
 
-func TestFmtDur(t *testing.T) {
-	for d, want := range map[time.Duration]string{0: "0", 500: "500ns", 1500: "1.50µs", 41300 * time.Microsecond: "41.3ms",
-		812 * time.Microsecond: "812µs", 2050 * time.Millisecond: "2.05s"} {
-		if got := fmtDur(d); got != want {
-			t.Errorf("fmtDur(%v) = %q, want %q", d, got, want)
-		}
-	}
-}
-
 func TestPlotWritesSVGAndPNG(t *testing.T) {
 	rep := sampleReport()
 	c := chartData(rep)

@@ -61,11 +61,3 @@ func (s Summary) Spread() float64 {
 	}
 	return float64(s.Max-s.Min) / float64(s.Median)
 }
-
-// gibPerSec returns bytes/d in GiB/s, or 0 when d is not positive.
-func gibPerSec(bytes uint64, d time.Duration) float64 {
-	if d <= 0 {
-		return 0
-	}
-	return float64(bytes) / float64(GiB) / d.Seconds()
-}

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/gmem-vmm/gmem/internal/units"
 )
 
 func TestMedian(t *testing.T) {
@@ -66,13 +68,7 @@ func TestSummarizeInterruptedInWarmupKeepsWhatWasMeasured(t *testing.T) {
 	}
 }
 
-func TestGiBPerSec(t *testing.T) {
-	if got := gibPerSec(uint64(4*GiB), 2*time.Second); got != 2 {
-		t.Errorf("gibPerSec(4 GiB, 2s) = %v", got)
-	}
-	if got := gibPerSec(uint64(GiB), 0); got != 0 {
-		t.Errorf("gibPerSec(_, 0) = %v", got)
-	}
+func TestSpreadOfNothing(t *testing.T) {
 	if (Summary{}).Spread() != 0 {
 		t.Error("Spread of an empty summary is not 0")
 	}
@@ -90,7 +86,7 @@ func TestSummarizeJob(t *testing.T) {
 		r.Setup.Cold != 1006 || r.Teardown.N != 2 {
 		t.Fatalf("summarizeJob = map %+v prefault %+v setup %+v teardown %+v", r.Map, r.Prefault, r.Setup, r.Teardown)
 	}
-	if want := gibPerSec(uint64(64*MiB), 200); r.GiBps != want {
+	if want := units.GiBPerSec(uint64(64*MiB), 200); r.GiBps != want {
 		t.Errorf("GiBps = %v, want %v", r.GiBps, want)
 	}
 	if r.Huge != 0.5 || r.Resident != 1 || r.Note != "n" || r.SizeText != "64MiB" {

@@ -1,9 +1,10 @@
-package main
+package units
 
 import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseSize(t *testing.T) {
@@ -105,5 +106,24 @@ func TestHuman(t *testing.T) {
 		if got := Human(n); got != want {
 			t.Errorf("Human(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+func TestFormatDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{0: "0", -1: "0", 500: "500ns", 1500: "1.50µs",
+		41300 * time.Microsecond: "41.3ms", 812 * time.Microsecond: "812µs", 2050 * time.Millisecond: "2.05s",
+		150 * time.Second: "150s"} {
+		if got := FormatDuration(d); got != want {
+			t.Errorf("FormatDuration(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
+func TestGiBPerSec(t *testing.T) {
+	if got := GiBPerSec(uint64(4*GiB), 2*time.Second); got != 2 {
+		t.Errorf("GiBPerSec(4 GiB, 2s) = %v", got)
+	}
+	if got := GiBPerSec(uint64(GiB), 0); got != 0 {
+		t.Errorf("GiBPerSec(_, 0) = %v", got)
 	}
 }
