@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/host"
 	"github.com/gmem-vmm/gmem/internal/units"
 	"github.com/gmem-vmm/gmem/kvm"
 	"github.com/schollz/progressbar/v3"
@@ -283,7 +284,7 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 	}
 
 	// Backings, per size: hugetlb needs a pool with enough free pages.
-	pools := readHugePools(env.Root)
+	pools := host.ReadHugePools(env.Root)
 	type sizedBacking struct {
 		size Size
 		b    Backing
@@ -296,11 +297,11 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 				return fail(err)
 			}
 			if bk.Kind == guestmem.Hugetlb {
-				if why := hugetlbUnavailable(pools, bk.HugePage, s); why != "" {
+				if err := pools.Check(bk.HugePage, uint64(s)); err != nil {
 					if explicitBackings {
-						return fail(fmt.Errorf("backing hugetlb unavailable for %v: %s", s, why))
+						return fail(fmt.Errorf("backing hugetlb unavailable for %v: %w", s, err))
 					}
-					note("hugetlb skipped at %v: %s", s, why)
+					note("hugetlb skipped at %v: %v", s, err)
 					continue
 				}
 			}
@@ -371,28 +372,6 @@ func (c *BenchCmd) plan(env *Env) (*bench, error) {
 		}
 	}
 	return b, nil
-}
-
-// hugetlbUnavailable says why a guest of size cannot use the pool of
-// pageSize pages, or returns "".
-func hugetlbUnavailable(pools []HugePool, pageSize uint64, size Size) string {
-	p, ok := poolFor(pools, pageSize)
-	if !ok {
-		return fmt.Sprintf("this host has no %v hugetlb pool", Size(pageSize))
-	}
-	if uint64(size)%pageSize != 0 {
-		return fmt.Sprintf("%v is not a multiple of the %v page size", size, Size(pageSize))
-	}
-	need := uint64(size) / pageSize
-	if p.Free < need {
-		hint := ""
-		if pageSize == 2<<20 {
-			hint = fmt.Sprintf(" (echo %d > /proc/sys/vm/nr_hugepages)", p.Total+need-p.Free)
-		}
-		return fmt.Sprintf("the %v pool has %d free pages of %d, and %v needs %d%s", Size(pageSize), p.Free, p.Total,
-			size, need, hint)
-	}
-	return ""
 }
 
 // checkNames checks that every name is one of valid, and drops repeats.

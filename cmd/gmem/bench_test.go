@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gmem-vmm/gmem/host"
 	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
@@ -91,7 +92,7 @@ func TestBenchTiny(t *testing.T) {
 			t.Errorf("map-populate has a separate map phase: %+v", res)
 		}
 	}
-	if readTHP(os.DirFS("/")).Enabled != "never" {
+	if host.ReadTHP(os.DirFS("/")).Enabled != "never" {
 		if res := find(r, "anon-thp", "prefault x1"); res == nil || res.Huge < 0.5 {
 			t.Errorf("anon-thp prefault x1 is not backed by huge pages: %+v", res)
 		}
@@ -276,7 +277,7 @@ func TestBenchInterrupted(t *testing.T) {
 // a non-zero exit, before anything is allocated.
 func TestErrorsAreOneLine(t *testing.T) {
 	small := defaultFakeHost()
-	small.memAvailKB = 1 << 20 // 1 GiB available
+	small.MemAvailKB = 1 << 20 // 1 GiB available
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -307,7 +308,7 @@ func TestErrorsAreOneLine(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errb bytes.Buffer
-			code := run(context.Background(), tc.args, &out, &errb, tc.root.fs())
+			code := run(context.Background(), tc.args, &out, &errb, tc.root.FS())
 			if code != tc.code {
 				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errb.String())
 			}
@@ -329,7 +330,7 @@ func TestErrorsAreOneLine(t *testing.T) {
 
 func TestHelpExitsZero(t *testing.T) {
 	var out, errb bytes.Buffer
-	if code := run(context.Background(), []string{"bench", "--help"}, &out, &errb, defaultFakeHost().fs()); code != 0 {
+	if code := run(context.Background(), []string{"bench", "--help"}, &out, &errb, defaultFakeHost().FS()); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	for _, flag := range []string{"--sizes", "--backings", "--strategies", "--peers", "--workers", "--runs", "--warmup",
@@ -392,10 +393,10 @@ func TestWaitForPrompt(t *testing.T) {
 func TestBenchLazyGuestLargerThanMemory(t *testing.T) {
 	testenv.KVM(t)
 	small := defaultFakeHost()
-	small.memAvailKB = 1 << 20 // 1 GiB available
+	small.MemAvailKB = 1 << 20 // 1 GiB available
 	var out, errb bytes.Buffer
 	code := run(context.Background(), []string{"bench", "--sizes", "64G", "--strategies", "none", "--peers", "none",
-		"--backings", "anon,memfd", "--runs", "1", "--warmup", "0", "--json"}, &out, &errb, small.fs())
+		"--backings", "anon,memfd", "--runs", "1", "--warmup", "0", "--json"}, &out, &errb, small.FS())
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
@@ -405,7 +406,7 @@ func TestBenchLazyGuestLargerThanMemory(t *testing.T) {
 	}
 	errb.Reset()
 	code = run(context.Background(), []string{"bench", "--sizes", "64G", "--strategies", "none", "--peers", "madvise"},
-		&out, &errb, small.fs())
+		&out, &errb, small.FS())
 	if code != exitError || !strings.Contains(errb.String(), "choose a smaller --sizes") {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}

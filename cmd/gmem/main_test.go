@@ -13,6 +13,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/gmem-vmm/gmem/host"
 )
 
 // mainEnv makes the test binary run gmem's main instead of the tests, so
@@ -171,7 +173,7 @@ func TestKVMPermissionAdviceFromTheNode(t *testing.T) {
 
 			code, stdout, stderr = gmemProcess(t, child, nobody, "probe", "--json", "--no-measure", "--kvm", node)
 			require.Equal(t, exitOK, code, "stderr %q", stderr)
-			var p Probe
+			var p host.Facts
 			require.NoError(t, json.Unmarshal([]byte(stdout), &p))
 			require.True(t, p.KVM.Present)
 			require.False(t, p.KVM.Usable)

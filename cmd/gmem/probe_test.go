@@ -9,132 +9,45 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gmem-vmm/gmem/host"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
-// fakeProber is a host with KVM, no hugetlb pool, shmem THP off and an
-// 8 MiB memlock limit, whose populate timing says memfd is 4x slower.
-func fakeProber(h fakeHost) prober {
-	return prober{
-		root:  h.fs(),
-		uname: func() (string, error) { return "Linux 6.18.0-test x86_64", nil },
-		kvm: func() KVMReport {
-			return KVMReport{Path: "/dev/kvm", Present: true, Usable: true, APIVersion: 12,
-				Caps: &KVMCaps{Memslots: 32764, ReadonlyMem: true, UserMemory2: true, GuestMemfd: true,
-					ManualDirtyLog: true, DirtyRingBytes: 1 << 20}}
-		},
-		memlock:       func() (int64, int64, error) { return 8 << 20, 8 << 20, nil },
-		populateWrite: func() error { return nil },
-		mlockOnFault:  func() error { return nil },
-		measure: func(context.Context) (*PopulateCost, error) {
-			return &PopulateCost{Size: 64 << 20, AnonTHP: 10 * time.Millisecond, Memfd: 40 * time.Millisecond,
-				AnonHuge: 1, Method: "test"}, nil
-		},
+// sampleFacts is a host with KVM, empty hugetlb pools, shmem THP off and
+// an 8 MiB memlock limit, whose populate timing says memfd is 4x slower.
+func sampleFacts() *host.Facts {
+	f := &host.Facts{
+		Kernel: "Linux 6.18.0-test x86_64",
+		Memory: host.MemInfo{Total: 24 << 30, Available: 20 << 30},
+		KVM: host.KVM{Path: "/dev/kvm", Present: true, Usable: true, APIVersion: 12,
+			Caps: &host.KVMCaps{Memslots: 32764, ReadonlyMem: true, UserMemory2: true, GuestMemfd: true,
+				ManualDirtyLog: true, DirtyRingBytes: 1 << 20}},
+		THP:           host.THPModes{Enabled: "madvise", Defrag: "madvise", ShmemEnabled: "never"},
+		HugePools:     host.HugePools{{PageSize: 2 << 20}, {PageSize: 1 << 30}},
+		Memlock:       host.Memlock{Soft: 8 << 20, Hard: 8 << 20, CapIPCLock: true},
+		Overcommit:    host.Overcommit{Mode: 0, Meaning: "heuristic", Ratio: 50},
+		PopulateWrite: host.Check{Works: true},
+		MlockOnFault:  host.Check{Works: true},
+		PopulateCost: &host.PopulateCost{Size: 64 << 20, AnonTHP: 10 * time.Millisecond,
+			Memfd: 40 * time.Millisecond, AnonHuge: 1, Method: "test"},
 	}
+	f.Advice = host.Advise(f)
+	return f
 }
 
-func adviceWith(p *Probe, substr string) string {
-	for _, a := range p.Advice {
-		if strings.Contains(a, substr) {
-			return a
+func adviceWith(f *host.Facts, substr string) string {
+	for _, a := range f.Advice {
+		if strings.Contains(a.Text, substr) {
+			return a.Text
 		}
 	}
 	return ""
 }
 
-func TestProbeFillsEveryField(t *testing.T) {
-	h := defaultFakeHost()
-	h.pools = map[string][2]int{"hugepages-2048kB": {16, 8}}
-	p := probe(context.Background(), fakeProber(h))
-	if p.Kernel != "Linux 6.18.0-test x86_64" || p.Memory.Available != 20<<30 || !p.KVM.Usable ||
-		p.KVM.Caps.Memslots != 32764 || p.THP.ShmemEnabled != "never" || len(p.HugePools) != 1 ||
-		p.HugePools[0].Free != 8 || p.Memlock.Soft != 8<<20 || !p.Memlock.CapIPCLock || p.Overcommit.Mode != 0 ||
-		p.Overcommit.Meaning != "heuristic" || !p.PopulateWrite.Works || !p.MlockOnFault.Works ||
-		p.PopulateCost.Ratio() != 4 {
-		t.Fatalf("probe = %+v", p)
-	}
-}
-
-func TestAdviceShmemCarriesTheMeasuredCost(t *testing.T) {
-	p := probe(context.Background(), fakeProber(defaultFakeHost()))
-	a := adviceWith(p, "Shmem hugepages are off")
-	for _, want := range []string{"shmem_enabled=never", "4 KiB at a time", "10.0ms anonymous with THP", "40.0ms as a memfd",
-		"4.0x longer", "echo advise"} {
-		if !strings.Contains(a, want) {
-			t.Errorf("shmem advice %q does not say %q", a, want)
-		}
-	}
-	if adviceWith(p, "No hugetlb pool") == "" {
-		t.Error("no advice about the missing hugetlb pool")
-	}
-	if a := adviceWith(p, "RLIMIT_MEMLOCK"); !strings.Contains(a, "CAP_IPC_LOCK, which exempts it") {
-		t.Errorf("memlock advice for a CAP_IPC_LOCK process: %q", a)
-	}
-	if adviceWith(p, "/dev/kvm") != "" {
-		t.Error("KVM advice on a host with KVM")
-	}
-}
-
-func TestAdviceWithoutKVM(t *testing.T) {
-	pr := fakeProber(defaultFakeHost())
-	pr.kvm = func() KVMReport { return KVMReport{Path: "/dev/kvm", Error: "kvm: device not available"} }
-	p := probe(context.Background(), pr)
-	if a := adviceWith(p, "No /dev/kvm"); !strings.Contains(a, "modprobe kvm_intel") {
-		t.Errorf("no-KVM advice: %q", a)
-	}
-	pr.kvm = func() KVMReport {
-		return KVMReport{Path: "/dev/kvm", Present: true, Error: "kvm: permission denied: add the user to kvm"}
-	}
-	p = probe(context.Background(), pr)
-	if a := adviceWith(p, "not usable"); !strings.Contains(a, "add the user to kvm") {
-		t.Errorf("KVM permission advice: %q", a)
-	}
-}
-
-func TestAdviceLowMemlockWithoutCapability(t *testing.T) {
-	h := defaultFakeHost()
-	h.capEff = "0000000000000000"
-	p := probe(context.Background(), fakeProber(h))
-	if a := adviceWith(p, "RLIMIT_MEMLOCK is 8.0 MiB"); !strings.Contains(a, "ulimit -l") {
-		t.Errorf("low memlock advice: %q", a)
-	}
-	pr := fakeProber(h)
-	pr.memlock = func() (int64, int64, error) { return -1, -1, nil }
-	if p := probe(context.Background(), pr); adviceWith(p, "RLIMIT_MEMLOCK") != "" {
-		t.Error("memlock advice with an unlimited limit")
-	}
-}
-
-func TestAdviceForOtherHosts(t *testing.T) {
-	h := defaultFakeHost()
-	h.thpEnabled, h.thpDefrag, h.shmemEnabled = "always madvise [never]", "always defer defer+madvise madvise [never]",
-		"always within_size [advise] never deny force"
-	h.overcommit = "2"
-	h.pools = map[string][2]int{"hugepages-2048kB": {64, 64}}
-	pr := fakeProber(h)
-	pr.populateWrite = func() error { return errors.New("madvise: invalid argument") }
-	pr.mlockOnFault = func() error { return errors.New("mlock2: not implemented") }
-	pr.measure = nil
-	p := probe(context.Background(), pr)
-	for _, want := range []string{"enabled=never", "overcommit_memory=2", "MADV_POPULATE_WRITE does not work",
-		"LockOnFault will fail"} {
-		if adviceWith(p, want) == "" {
-			t.Errorf("no advice saying %q in %q", want, p.Advice)
-		}
-	}
-	for _, not := range []string{"Shmem hugepages are off", "No hugetlb pool", "defrag"} {
-		if a := adviceWith(p, not); a != "" {
-			t.Errorf("unexpected advice %q", a)
-		}
-	}
-	if p.PopulateCost != nil {
-		t.Error("populate cost measured with measure == nil")
-	}
-}
-
 func TestRenderProbe(t *testing.T) {
-	p := probe(context.Background(), fakeProber(defaultFakeHost()))
 	var b bytes.Buffer
-	if err := renderProbe(&b, p); err != nil {
+	if err := renderProbe(&b, sampleFacts()); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
@@ -149,14 +62,16 @@ func TestRenderProbe(t *testing.T) {
 		"RLIMIT_MEMLOCK          8.0 MiB soft, 8.0 MiB hard (not enforced: CAP_IPC_LOCK)",
 		"overcommit_memory       0 (heuristic)",
 		"MADV_POPULATE_WRITE     works",
+		"anonymous + THP         10.0ms (6.2 GiB/s, 100% huge)",
+		"memfd                   40.0ms (1.6 GiB/s, 0% huge)",
 		"memfd / anonymous       4.0x",
-		"ADVICE\n  - ",
+		"ADVICE\n  - Shmem hugepages are off (shmem_enabled=never)",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
 	}
-	if err := renderProbe(failingWriter{}, p); err == nil {
+	if err := renderProbe(failingWriter{}, sampleFacts()); err == nil {
 		t.Error("renderProbe hid a write error")
 	}
 }
@@ -165,25 +80,30 @@ type failingWriter struct{}
 
 func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("disk full") }
 
-func TestProbeJSONRoundTrips(t *testing.T) {
-	p := probe(context.Background(), fakeProber(defaultFakeHost()))
-	b, err := json.Marshal(p)
-	if err != nil {
-		t.Fatal(err)
+// The advice gmem prints says what it means for gmem bench, where package
+// host's says only what it means for guests.
+func TestGmemAdviceNamesTheBench(t *testing.T) {
+	f := sampleFacts()
+	f.KVM = host.KVM{Path: "/dev/kvm"}
+	f.Advice = host.Advise(f)
+	var got []string
+	for _, a := range f.Advice {
+		got = append(got, gmemAdvice(f, a))
 	}
-	for _, key := range []string{`"kernel"`, `"memslots":32764`, `"shmem_enabled":"never"`, `"soft_bytes":8388608`,
-		`"madv_populate_write":{"works":true}`, `"anon_thp_ns":10000000`, `"advice":[`} {
-		if !bytes.Contains(b, []byte(key)) {
-			t.Errorf("JSON lacks %s: %s", key, b)
-		}
+	noKVM, noPool := got[0], got[2]
+	if !strings.HasPrefix(noKVM, "No /dev/kvm: guests cannot run here. /dev/kvm does not exist") ||
+		!strings.HasSuffix(noKVM, "nested virtualization if this is a VM. gmem bench will skip KVM registration and "+
+			"the gokvm peer.") {
+		t.Errorf("no-KVM advice %q", noKVM)
 	}
-	var back Probe
-	if err := json.Unmarshal(b, &back); err != nil {
-		t.Fatal(err)
+	if want := "No hugetlb pool: the hugetlb backing is unavailable (gmem bench skips it). Reserve one with echo N > " +
+		"/proc/sys/vm/nr_hugepages (N 2 MiB pages), or hugepagesz=1G hugepages=N on the kernel command line."; noPool != want {
+		t.Errorf("hugetlb advice %q, want %q", noPool, want)
 	}
-	if back.KVM.Caps.DirtyRingBytes != 1<<20 || back.PopulateCost.Memfd != 40*time.Millisecond ||
-		len(back.Advice) != len(p.Advice) {
-		t.Fatalf("round trip lost data: %+v", back)
+	f.KVM = host.KVM{Path: "/dev/kvm", Present: true, Error: "kvm: permission denied"}
+	a := host.Advise(f)[0]
+	if got := gmemAdvice(f, a); got != a.Text {
+		t.Errorf("advice on a KVM that is present changed to %q", got)
 	}
 }
 
@@ -195,30 +115,41 @@ func TestProbeCommandOnThisHost(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
-	var p Probe
-	if err := json.Unmarshal(out.Bytes(), &p); err != nil {
+	var f host.Facts
+	if err := json.Unmarshal(out.Bytes(), &f); err != nil {
 		t.Fatalf("%v: %s", err, out.String())
 	}
-	if p.Kernel == "" || p.Memory.Total == 0 || p.KVM.Path != "/dev/kvm" || p.PopulateCost != nil {
-		t.Fatalf("probe = %+v", p)
+	if f.Kernel == "" || f.Memory.Total == 0 || f.KVM.Path != "/dev/kvm" || f.PopulateCost != nil {
+		t.Fatalf("probe = %+v", f)
 	}
-	if !p.PopulateWrite.Works && !strings.Contains(p.PopulateWrite.Error, "MADV_POPULATE_WRITE") {
-		t.Errorf("populate check error %q", p.PopulateWrite.Error)
+	if !f.PopulateWrite.Works && !strings.Contains(f.PopulateWrite.Error, "MADV_POPULATE_WRITE") {
+		t.Errorf("populate check error %q", f.PopulateWrite.Error)
+	}
+	if !f.KVM.Present && !strings.HasSuffix(adviceWith(&f, "No /dev/kvm"), "gmem bench will skip KVM registration "+
+		"and the gokvm peer.") {
+		t.Errorf("no gmem advice on the missing /dev/kvm: %q", f.Advice)
 	}
 }
 
-// TestProbeMeasuresPopulate times a small populate of both backings on
-// this host: the figures must be positive and anonymous memory must get
-// huge pages where THP is on.
-func TestProbeMeasuresPopulate(t *testing.T) {
-	c, err := measurePopulate(context.Background(), 8<<20)
-	if err != nil {
-		t.Fatal(err)
+// TestProbeCommandTable runs gmem probe with a small populate timing and
+// reads its table; a root without /proc/meminfo is refused first.
+func TestProbeCommandTable(t *testing.T) {
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"probe", "--measure-size", "4M"}, &out, &errb, os.DirFS("/"))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
 	}
-	if c.AnonTHP <= 0 || c.Memfd <= 0 || c.Ratio() <= 0 {
-		t.Fatalf("cost = %+v", c)
+	for _, want := range []string{"HOST\n  kernel", "HUGETLB POOLS\n", "POPULATE COST (4.0 MiB, ", "ADVICE\n"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, out.String())
+		}
 	}
-	if readTHP(os.DirFS("/")).Enabled != "never" && c.AnonHuge == 0 {
-		t.Errorf("no huge pages in anonymous memory that asked for THP: %+v", c)
+	h := testenv.DefaultFakeHost()
+	h.MemAvailKB = 2 << 10
+	out.Reset()
+	errb.Reset()
+	if code := run(context.Background(), []string{"probe"}, &out, &errb, h.FS()); code != exitError ||
+		!strings.Contains(errb.String(), "choose a smaller --measure-size") {
+		t.Errorf("64 MiB timing with 2 MiB available: exit %d, %q", code, errb.String())
 	}
 }

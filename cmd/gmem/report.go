@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/gmem-vmm/gmem/host"
 	"github.com/gmem-vmm/gmem/internal/units"
 )
 
@@ -31,12 +32,12 @@ type Report struct {
 
 // BenchHost describes the machine a report was measured on.
 type BenchHost struct {
-	Kernel string   `json:"kernel"`
-	CPUs   int      `json:"cpus"`
-	Memory uint64   `json:"memory_bytes"`
-	THP    THPModes `json:"transparent_hugepages"`
-	QEMU   string   `json:"qemu,omitempty"`
-	GoKVM  string   `json:"gokvm,omitempty"`
+	Kernel string        `json:"kernel"`
+	CPUs   int           `json:"cpus"`
+	Memory uint64        `json:"memory_bytes"`
+	THP    host.THPModes `json:"transparent_hugepages"`
+	QEMU   string        `json:"qemu,omitempty"`
+	GoKVM  string        `json:"gokvm,omitempty"`
 	// Load is /proc/loadavg's 1-minute load average when the run started
 	// and when it ended: other work on the host skews the figures.
 	LoadStart float64 `json:"load_start"`
@@ -44,14 +45,17 @@ type BenchHost struct {
 }
 
 func benchHost(root fs.FS) BenchHost {
-	h := BenchHost{CPUs: runtime.NumCPU(), THP: readTHP(root)}
-	h.Kernel, _ = uname()
-	if mi, err := readMeminfo(root); err == nil {
+	h := BenchHost{CPUs: runtime.NumCPU(), THP: host.ReadTHP(root)}
+	h.Kernel, _ = host.Kernel()
+	if mi, err := host.ReadMemInfo(root); err == nil {
 		h.Memory = mi.Total
 	}
 	h.LoadStart = loadAverage(root)
 	return h
 }
+
+// loadavgPath is the load average under the host's root.
+const loadavgPath = "proc/loadavg"
 
 // loadAverage returns the 1-minute load average, or 0 if unknown.
 func loadAverage(root fs.FS) float64 {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"testing/fstest"
 	"time"
+
+	"github.com/gmem-vmm/gmem/host"
 )
 
 // sampleReport is a report with a gmem strategy, a strategy without a
@@ -21,7 +23,7 @@ func sampleReport() *Report {
 	return &Report{
 		Command: "gmem bench --sizes 1G", Runs: 5, Warmup: 1, Workers: 2,
 		Host: BenchHost{Kernel: "Linux test", CPUs: 2, Memory: 24 << 30,
-			THP: THPModes{Enabled: "madvise", Defrag: "madvise", ShmemEnabled: "never"}},
+			THP: host.THPModes{Enabled: "madvise", Defrag: "madvise", ShmemEnabled: "never"}},
 		Results: []Result{
 			{Size: 1 << 30, SizeText: "1GiB", Backing: "anon-thp", Method: "prefault x2", Workers: 2,
 				Map: sum(40 * time.Microsecond), Register: sum(100 * time.Microsecond),

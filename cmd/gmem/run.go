@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/host"
 	"github.com/gmem-vmm/gmem/internal/demo"
 	"github.com/gmem-vmm/gmem/kvm"
 )
@@ -51,8 +52,8 @@ func (c *RunCmd) Run(env *Env) error {
 		cfg.Backing = guestmem.Memfd
 	case "hugetlb":
 		cfg.Backing = guestmem.Hugetlb
-		if why := hugetlbUnavailable(readHugePools(env.Root), 2<<20, c.Size); why != "" {
-			return fmt.Errorf("backing hugetlb is unavailable: %s", why)
+		if err := host.ReadHugePools(env.Root).Check(2<<20, uint64(c.Size)); err != nil {
+			return fmt.Errorf("backing hugetlb is unavailable: %w", err)
 		}
 	}
 	if err := checkFits(env.Root, c.Size, "--size"); err != nil {

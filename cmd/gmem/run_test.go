@@ -91,7 +91,7 @@ func TestRunInterrupted(t *testing.T) {
 // Bad input: one line on stderr, a non-zero exit, nothing allocated.
 func TestRunRefusals(t *testing.T) {
 	small := defaultFakeHost()
-	small.memAvailKB = 256 << 10 // 256 MiB available
+	small.MemAvailKB = 256 << 10 // 256 MiB available
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -112,7 +112,7 @@ func TestRunRefusals(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errb bytes.Buffer
-			code := run(context.Background(), tc.args, &out, &errb, tc.host.fs())
+			code := run(context.Background(), tc.args, &out, &errb, tc.host.FS())
 			if code != tc.code || !strings.Contains(errb.String(), tc.want) || strings.Count(errb.String(), "\n") != 1 ||
 				out.Len() != 0 {
 				t.Fatalf("exit %d (want %d), stdout %q, stderr %q (want %q)", code, tc.code, out.String(), errb.String(),
