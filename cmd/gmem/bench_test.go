@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/csv"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/gmem-vmm/gmem/host"
+	"github.com/gmem-vmm/gmem/internal/bench"
 	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
@@ -24,16 +26,16 @@ func runGmem(t *testing.T, ctx context.Context, args ...string) (code int, stdou
 	return code, out.String(), errb.String()
 }
 
-func decodeReport(t *testing.T, s string) *Report {
+func decodeReport(t *testing.T, s string) *bench.Report {
 	t.Helper()
-	var r Report
+	var r bench.Report
 	if err := json.Unmarshal([]byte(s), &r); err != nil {
 		t.Fatalf("%v: %s", err, s)
 	}
 	return &r
 }
 
-func find(r *Report, backing, method string) *Result {
+func find(r *bench.Report, backing, method string) *bench.Result {
 	for i := range r.Results {
 		if r.Results[i].Backing == backing && r.Results[i].Method == method {
 			return &r.Results[i]
@@ -68,7 +70,7 @@ func TestBenchTiny(t *testing.T) {
 		if none == nil || none.Map == nil || none.Prefault != nil || none.Teardown == nil || none.Resident != 0 {
 			t.Errorf("%s none: %+v", b, none)
 		}
-		for _, m := range []string{"map-populate", "prefault x1", strategyLabel(stratPrefaultN, n), "touch",
+		for _, m := range []string{"map-populate", "prefault x1", fmt.Sprintf("prefault x%d", n), "touch",
 			"madvise x1", "memset x1"} {
 			res := find(r, b, m)
 			if res == nil {
@@ -114,7 +116,11 @@ func TestBenchCSV(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rows) != 4 || strings.Join(rows[0], ",") != strings.Join(csvHeader(), ",") {
+	var header bytes.Buffer
+	if err := bench.WriteCSV(&header, &bench.Report{}); err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 4 || strings.Join(rows[0], ",")+"\n" != header.String() {
 		t.Fatalf("CSV:\n%s", out)
 	}
 	if rows[1][3] != "prefault x1" || rows[1][6] == "" || rows[3][3] != "madvise x1" {
@@ -140,116 +146,6 @@ func TestBenchTableAndPlot(t *testing.T) {
 	}
 	if errOut != "" {
 		t.Errorf("stderr not empty (no progress bar without a terminal): %q", errOut)
-	}
-}
-
-// TestBenchRegistersWithKVM checks the KVM registration phase and the
-// gokvm peer, and that the gokvm peer leaves no VM, vCPU or guest RAM
-// behind although machine.Machine has no Close.
-func TestBenchRegistersWithKVM(t *testing.T) {
-	testenv.KVM(t)
-	before, err := snapshotProc()
-	if err != nil {
-		t.Fatal(err)
-	}
-	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "64M", "--runs", "2", "--warmup", "0",
-		"--backings", "anon-thp", "--strategies", "none,prefault-1,map-populate", "--peers", "gokvm", "--json")
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, errOut)
-	}
-	r := decodeReport(t, out)
-	for _, m := range []string{"none", "prefault x1", "map-populate"} {
-		res := find(r, "anon-thp", m)
-		if res == nil || res.Register == nil || res.Register.Median <= 0 || res.Register.N != 2 {
-			t.Errorf("%s: no KVM registration figure: %+v", m, res)
-		}
-	}
-	g := find(r, "shmem", "gokvm machine.New")
-	if g == nil || g.Prefault == nil || g.Prefault.Median <= 0 || g.Teardown == nil || g.Resident < 0.95 {
-		t.Fatalf("gokvm: %+v (notes %v)", g, r.Notes)
-	}
-	after, err := snapshotProc()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for fd, target := range after.fds {
-		if strings.HasPrefix(target, "anon_inode:kvm-") && before.fds[fd] != target {
-			t.Errorf("fd %d (%s) left open", fd, target)
-		}
-	}
-	if v, ok := after.newShared(before, uint64(64*MiB)); ok {
-		t.Errorf("gokvm's guest RAM is still mapped: %+v", v)
-	}
-}
-
-// fakeQEMU writes a script that behaves like QEMU's monitor on stdio and
-// logs its arguments: enough to test the QEMU peer without QEMU.
-func fakeQEMU(t *testing.T, body string) (bin, log string) {
-	dir := t.TempDir()
-	bin, log = filepath.Join(dir, "qemu-system-x86_64"), filepath.Join(dir, "args")
-	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'QEMU emulator version 0.0 (fake)'; exit 0; fi\n" +
-		"echo \"$@\" >> " + log + "\n" + body
-	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return bin, log
-}
-
-func TestBenchQEMUPeerWithAFakeQEMU(t *testing.T) {
-	bin, log := fakeQEMU(t, "echo 'QEMU 0.0 monitor'\nprintf '(qemu) '\nread cmd\n[ \"$cmd\" = quit ] || exit 3\n")
-	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "2", "--warmup", "0",
-		"--backings", "anon-thp,memfd,anon", "--strategies", "none", "--peers", "qemu", "--qemu", bin,
-		"--workers", "2", "--json")
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, errOut)
-	}
-	r := decodeReport(t, out)
-	if r.Host.QEMU != "QEMU emulator version 0.0 (fake)" {
-		t.Errorf("QEMU version %q", r.Host.QEMU)
-	}
-	for _, b := range []string{"anon-thp", "memfd"} {
-		res := find(r, b, "qemu prealloc x2")
-		if res == nil || res.Prefault == nil || res.Prefault.N != 2 || !strings.Contains(res.Note, "subtracted") {
-			t.Errorf("%s: %+v", b, res)
-		}
-	}
-	if find(r, "anon", "qemu prealloc x2") != nil {
-		t.Error("a QEMU figure for anon, which QEMU has no backend for")
-	}
-	args, err := os.ReadFile(log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, want := range []string{
-		"-machine none -nodefaults -no-user-config -display none -S -object " +
-			"memory-backend-ram,id=m,size=33554432,prealloc=on,prealloc-threads=2 -monitor stdio",
-		"memory-backend-ram,id=m,size=33554432,prealloc=off",
-		"memory-backend-memfd,id=m,size=33554432,prealloc=on,prealloc-threads=2",
-	} {
-		if !strings.Contains(string(args), want) {
-			t.Errorf("QEMU was never started with %q:\n%s", want, args)
-		}
-	}
-	// 2 backings x (1 page-cache warm-up + 3 baseline + 2 runs).
-	if n := strings.Count(string(args), "\n"); n != 2*(1+qemuBaselineRuns+2) {
-		t.Errorf("QEMU started %d times", n)
-	}
-}
-
-func TestBenchQEMUThatFailsIsANote(t *testing.T) {
-	bin, _ := fakeQEMU(t, "echo 'qemu-system-x86_64: cannot allocate memory' >&2\nexit 1\n")
-	code, out, errOut := runGmem(t, context.Background(), "bench", "--sizes", "32M", "--runs", "1", "--warmup", "0",
-		"--backings", "anon-thp", "--strategies", "none", "--peers", "qemu", "--qemu", bin, "--json")
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, errOut)
-	}
-	r := decodeReport(t, out)
-	found := false
-	for _, n := range r.Notes {
-		found = found || strings.Contains(n, "exited before its monitor prompt: qemu-system-x86_64: cannot allocate memory")
-	}
-	if !found {
-		t.Errorf("notes %q do not report QEMU's failure", r.Notes)
 	}
 }
 
@@ -338,53 +234,6 @@ func TestHelpExitsZero(t *testing.T) {
 		if !strings.Contains(out.String(), flag) {
 			t.Errorf("help lacks %s", flag)
 		}
-	}
-}
-
-func TestSplitRange(t *testing.T) {
-	for _, tc := range []struct {
-		n, granule uint64
-		parts      int
-		want       [][2]uint64
-	}{
-		{8 << 20, 2 << 20, 2, [][2]uint64{{0, 4 << 20}, {4 << 20, 8 << 20}}},
-		{6 << 20, 2 << 20, 2, [][2]uint64{{0, 4 << 20}, {4 << 20, 6 << 20}}},
-		{2 << 20, 2 << 20, 4, [][2]uint64{{0, 2 << 20}}},
-		{10, 4096, 0, [][2]uint64{{0, 10}}},
-	} {
-		got := splitRange(tc.n, tc.granule, tc.parts)
-		if len(got) != len(tc.want) {
-			t.Errorf("splitRange(%d, %d, %d) = %v, want %v", tc.n, tc.granule, tc.parts, got, tc.want)
-			continue
-		}
-		for i := range got {
-			if got[i] != tc.want[i] {
-				t.Errorf("splitRange(%d, %d, %d) = %v, want %v", tc.n, tc.granule, tc.parts, got, tc.want)
-			}
-		}
-	}
-}
-
-func TestQEMUArgs(t *testing.T) {
-	huge, _ := backingByName(backingHugetlb, 2<<20)
-	args, ok := qemuArgs(GiB, huge, 4, true, "kvm")
-	if !ok || strings.Join(args, " ") != "-accel kvm -machine none -nodefaults -no-user-config -display none -S "+
-		"-object memory-backend-memfd,id=m,size=1073741824,hugetlb=on,hugetlbsize=2097152,prealloc=on,prealloc-threads=4 "+
-		"-monitor stdio" {
-		t.Errorf("qemuArgs = %q", args)
-	}
-	anon, _ := backingByName(backingAnon, 0)
-	if _, ok := qemuArgs(GiB, anon, 1, false, "tcg"); ok {
-		t.Error("QEMU args for plain anonymous memory")
-	}
-}
-
-func TestWaitForPrompt(t *testing.T) {
-	if !waitForPrompt(strings.NewReader("QEMU 7.2 monitor - type 'help'\n(qemu) "), "(qemu)") {
-		t.Error("prompt not seen")
-	}
-	if waitForPrompt(strings.NewReader(strings.Repeat("x", 10000)+"(qem"), "(qemu)") {
-		t.Error("prompt seen in output without it")
 	}
 }
 

@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"encoding/csv"
@@ -16,12 +18,12 @@ import (
 	"github.com/gmem-vmm/gmem/internal/units"
 )
 
-// Report is everything one gmem bench run measured.
+// Report is everything one run of a Plan measured.
 type Report struct {
 	Command     string        `json:"command"`
 	Started     time.Time     `json:"started"`
 	Elapsed     time.Duration `json:"elapsed_ns"`
-	Host        BenchHost     `json:"host"`
+	Host        Host          `json:"host"`
 	Runs        int           `json:"runs"`
 	Warmup      int           `json:"warmup"`
 	Workers     int           `json:"workers"`
@@ -30,8 +32,8 @@ type Report struct {
 	Interrupted bool          `json:"interrupted"`
 }
 
-// BenchHost describes the machine a report was measured on.
-type BenchHost struct {
+// Host describes the machine a report was measured on.
+type Host struct {
 	Kernel string        `json:"kernel"`
 	CPUs   int           `json:"cpus"`
 	Memory uint64        `json:"memory_bytes"`
@@ -44,8 +46,8 @@ type BenchHost struct {
 	LoadEnd   float64 `json:"load_end"`
 }
 
-func benchHost(root fs.FS) BenchHost {
-	h := BenchHost{CPUs: runtime.NumCPU(), THP: host.ReadTHP(root)}
+func readHost(root fs.FS) Host {
+	h := Host{CPUs: runtime.NumCPU(), THP: host.ReadTHP(root)}
 	h.Kernel, _ = host.Kernel()
 	if mi, err := host.ReadMemInfo(root); err == nil {
 		h.Memory = mi.Total
@@ -72,7 +74,7 @@ func loadAverage(root fs.FS) float64 {
 }
 
 // busyNote says when the host was busy with other work during the run.
-func busyNote(h BenchHost) string {
+func busyNote(h Host) string {
 	if h.CPUs == 0 || max(h.LoadStart, h.LoadEnd) < float64(h.CPUs)/2 {
 		return ""
 	}
@@ -105,7 +107,9 @@ type Result struct {
 	Note       string   `json:"note,omitempty"`
 }
 
-func writeJSON(w io.Writer, r *Report) error {
+// WriteJSON writes r as one indented JSON object; no results or notes are
+// empty lists, not null.
+func WriteJSON(w io.Writer, r *Report) error {
 	if r.Results == nil {
 		r.Results = []Result{}
 	}
@@ -133,10 +137,10 @@ func csvHeader() []string {
 	return append(h, "gib_per_s", "huge_fraction", "resident_fraction", "note")
 }
 
-// writeCSV writes one row per result. A phase a method does not have is
+// WriteCSV writes one row per result. A phase a method does not have is
 // empty. The report's notes are not in the CSV; they go to the JSON and
 // table forms.
-func writeCSV(w io.Writer, r *Report) error {
+func WriteCSV(w io.Writer, r *Report) error {
 	cw := csv.NewWriter(w)
 	if err := cw.Write(csvHeader()); err != nil {
 		return err
@@ -163,9 +167,9 @@ func writeCSV(w io.Writer, r *Report) error {
 
 func ns(d time.Duration) string { return strconv.FormatInt(d.Nanoseconds(), 10) }
 
-// writeTable prints the report for a person: a header saying what was
+// WriteTable prints the report for a person: a header saying what was
 // measured and how, one row per figure, and the notes.
-func writeTable(w io.Writer, r *Report) error {
+func WriteTable(w io.Writer, r *Report) error {
 	h := r.Host
 	fmt.Fprintf(w, "host: %s, %d CPUs, %s RAM, THP enabled=%s defrag=%s shmem_enabled=%s, load %.2f-%.2f\n",
 		h.Kernel, h.CPUs, units.Human(h.Memory), h.THP.Enabled, h.THP.Defrag, h.THP.ShmemEnabled, h.LoadStart, h.LoadEnd)

@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"bufio"
@@ -27,13 +29,13 @@ import (
 // qemuBackend returns the QEMU memory backend object for backing b, or
 // false when QEMU has no counterpart (QEMU advises MADV_HUGEPAGE on all its
 // RAM, so plain anonymous memory without THP has none).
-func qemuBackend(size Size, b Backing) (string, bool) {
+func qemuBackend(size units.Size, b Backing) (string, bool) {
 	switch b.Name {
-	case backingAnonTHP:
+	case BackingAnonTHP:
 		return fmt.Sprintf("memory-backend-ram,id=m,size=%d", uint64(size)), true
-	case backingMemfd:
+	case BackingMemfd:
 		return fmt.Sprintf("memory-backend-memfd,id=m,size=%d", uint64(size)), true
-	case backingHugetlb:
+	case BackingHugetlb:
 		return fmt.Sprintf("memory-backend-memfd,id=m,size=%d,hugetlb=on,hugetlbsize=%d", uint64(size), b.HugePage),
 			true
 	}
@@ -43,7 +45,7 @@ func qemuBackend(size Size, b Backing) (string, bool) {
 // qemuArgs is a QEMU command line that creates the memory backend, with
 // or without preallocation by threads threads, and stops at the monitor
 // prompt: no machine (-machine none), no devices, no guest code (-S).
-func qemuArgs(size Size, b Backing, threads int, prealloc bool, accel string) ([]string, bool) {
+func qemuArgs(size units.Size, b Backing, threads int, prealloc bool, accel string) ([]string, bool) {
 	obj, ok := qemuBackend(size, b)
 	if !ok {
 		return nil, false
@@ -62,7 +64,7 @@ func qemuArgs(size Size, b Backing, threads int, prealloc bool, accel string) ([
 // prealloc=on minus the median of the same with prealloc=off. The off runs
 // come first, after one untimed start that brings QEMU's binary into the
 // page cache.
-func qemuJob(qemu string, size Size, bk Backing, threads int, haveKVM bool) (job, bool) {
+func qemuJob(qemu string, size units.Size, bk Backing, threads int, haveKVM bool) (job, bool) {
 	accel := "tcg"
 	if haveKVM {
 		accel = "kvm"
@@ -204,8 +206,8 @@ func qemuVersion(qemu string) string {
 
 // ---- gokvm ----
 
-// gokvmMinSize is the smallest guest machine.New accepts.
-const gokvmMinSize = Size(machine.MinMemSize)
+// GokvmMinSize is the smallest guest machine.New accepts.
+const GokvmMinSize = units.Size(machine.MinMemSize)
 
 // gokvmJob is the gokvm peer: the whole of gokvm's machine.New(kvmPath, 1,
 // size). It needs no kernel image: New opens KVM, creates the VM (TSS,
@@ -221,7 +223,7 @@ const gokvmMinSize = Size(machine.MinMemSize)
 // kvm_run pages, found by comparing /proc/self/fd and /proc/self/maps with
 // what was there before. The /dev/kvm fd belongs to an *os.File inside
 // gokvm whose finalizer closes it; a GC after the run lets it.
-func gokvmJob(kvmPath string, size Size) job {
+func gokvmJob(kvmPath string, size units.Size) job {
 	j := job{size: size, backing: "shmem", method: "gokvm machine.New", peer: true, workers: 1}
 	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
 		once := func(context.Context) (s sample, err error) {

@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"context"
@@ -23,28 +25,28 @@ type Backing struct {
 
 // The backing names the --backings flag accepts.
 const (
-	backingAnon    = "anon"
-	backingAnonTHP = "anon-thp"
-	backingMemfd   = "memfd"
-	backingHugetlb = "hugetlb"
+	BackingAnon    = "anon"
+	BackingAnonTHP = "anon-thp"
+	BackingMemfd   = "memfd"
+	BackingHugetlb = "hugetlb"
 )
 
-var allBackings = []string{backingAnon, backingAnonTHP, backingMemfd, backingHugetlb}
+var BackingNames = []string{BackingAnon, BackingAnonTHP, BackingMemfd, BackingHugetlb}
 
 // backingByName returns the backing called name; hugePage is the hugetlb
 // page size.
 func backingByName(name string, hugePage uint64) (Backing, error) {
 	switch name {
-	case backingAnon:
+	case BackingAnon:
 		return Backing{Name: name, Kind: guestmem.Anonymous}, nil
-	case backingAnonTHP:
+	case BackingAnonTHP:
 		return Backing{Name: name, Kind: guestmem.Anonymous, THP: true}, nil
-	case backingMemfd:
+	case BackingMemfd:
 		return Backing{Name: name, Kind: guestmem.Memfd, THP: true}, nil
-	case backingHugetlb:
+	case BackingHugetlb:
 		return Backing{Name: name, Kind: guestmem.Hugetlb, HugePage: hugePage}, nil
 	}
-	return Backing{}, fmt.Errorf("unknown backing %q (want one of %v)", name, allBackings)
+	return Backing{}, fmt.Errorf("unknown backing %q (want one of %v)", name, BackingNames)
 }
 
 // guestmemOptions are the guestmem.New options for b.

@@ -1,6 +1,9 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
+	"errors"
 	"fmt"
 	"image/color"
 	"math"
@@ -75,13 +78,13 @@ var palette = []color.RGBA{
 	{127, 127, 127, 255}, {188, 189, 34, 255},
 }
 
-// writePlot charts GiB/s per strategy and backing, with the peers, to
+// WritePlot charts GiB/s per strategy and backing, with the peers, to
 // file (.svg or .png), on a log scale: populate rates span two orders of
 // magnitude between 4 KiB pages and memset.
-func writePlot(file string, r *Report) error {
+func WritePlot(file string, r *Report) error {
 	c := chartData(r)
 	if len(c.groups) == 0 {
-		return fmt.Errorf("--plot %s: no figure has a throughput to chart", file)
+		return errors.New("no figure has a throughput to chart")
 	}
 	p := plot.New()
 	title := "Guest RAM populate throughput"
@@ -140,10 +143,7 @@ func writePlot(file string, r *Report) error {
 	p.Legend.TextStyle.Font.Size = vg.Points(7)
 
 	width := max(8*vg.Inch, vg.Length(len(c.groups)*len(c.series))*0.22*vg.Inch+1.5*vg.Inch)
-	if err := p.Save(width, 5.5*vg.Inch, file); err != nil {
-		return fmt.Errorf("--plot %s: %w", file, err)
-	}
-	return nil
+	return p.Save(width, 5.5*vg.Inch, file)
 }
 
 func uniqueSizes(r *Report) []string {

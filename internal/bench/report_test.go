@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"bytes"
@@ -22,7 +24,7 @@ func sampleReport() *Report {
 	}
 	return &Report{
 		Command: "gmem bench --sizes 1G", Runs: 5, Warmup: 1, Workers: 2,
-		Host: BenchHost{Kernel: "Linux test", CPUs: 2, Memory: 24 << 30,
+		Host: Host{Kernel: "Linux test", CPUs: 2, Memory: 24 << 30,
 			THP: host.THPModes{Enabled: "madvise", Defrag: "madvise", ShmemEnabled: "never"}},
 		Results: []Result{
 			{Size: 1 << 30, SizeText: "1GiB", Backing: "anon-thp", Method: "prefault x2", Workers: 2,
@@ -42,7 +44,7 @@ func sampleReport() *Report {
 
 func TestCSV(t *testing.T) {
 	var b bytes.Buffer
-	if err := writeCSV(&b, sampleReport()); err != nil {
+	if err := WriteCSV(&b, sampleReport()); err != nil {
 		t.Fatal(err)
 	}
 	rows, err := csv.NewReader(&b).ReadAll()
@@ -84,7 +86,7 @@ func TestCSV(t *testing.T) {
 func TestJSONRoundTrips(t *testing.T) {
 	var b bytes.Buffer
 	rep := sampleReport()
-	if err := writeJSON(&b, rep); err != nil {
+	if err := WriteJSON(&b, rep); err != nil {
 		t.Fatal(err)
 	}
 	for _, key := range []string{`"size_bytes": 1073741824`, `"median_ns": 50000000`, `"cold_ns": 100000000`,
@@ -103,7 +105,7 @@ func TestJSONRoundTrips(t *testing.T) {
 	}
 	// No results still gives arrays, not null.
 	b.Reset()
-	if err := writeJSON(&b, &Report{}); err != nil {
+	if err := WriteJSON(&b, &Report{}); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(b.String(), `"results": []`) || !strings.Contains(b.String(), `"notes": []`) {
@@ -113,7 +115,7 @@ func TestJSONRoundTrips(t *testing.T) {
 
 func TestTable(t *testing.T) {
 	var b bytes.Buffer
-	if err := writeTable(&b, sampleReport()); err != nil {
+	if err := WriteTable(&b, sampleReport()); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
@@ -142,7 +144,7 @@ func TestPlotWritesSVGAndPNG(t *testing.T) {
 	dir := t.TempDir()
 	for _, name := range []string{"b.svg", "b.png"} {
 		file := filepath.Join(dir, name)
-		if err := writePlot(file, rep); err != nil {
+		if err := WritePlot(file, rep); err != nil {
 			t.Fatal(err)
 		}
 		b, err := os.ReadFile(file)
@@ -156,7 +158,7 @@ func TestPlotWritesSVGAndPNG(t *testing.T) {
 			t.Errorf("%s is not PNG", name)
 		}
 	}
-	if err := writePlot(filepath.Join(dir, "c.svg"), &Report{}); err == nil {
+	if err := WritePlot(filepath.Join(dir, "c.svg"), &Report{}); err == nil {
 		t.Error("a chart of nothing was written")
 	}
 }
@@ -169,10 +171,10 @@ func TestLoadAverageAndBusyNote(t *testing.T) {
 	if got := loadAverage(fstest.MapFS{}); got != 0 {
 		t.Errorf("loadAverage without /proc/loadavg = %v", got)
 	}
-	if n := busyNote(BenchHost{CPUs: 2, LoadStart: 0.3, LoadEnd: 0.9}); n != "" {
+	if n := busyNote(Host{CPUs: 2, LoadStart: 0.3, LoadEnd: 0.9}); n != "" {
 		t.Errorf("an idle host is called busy: %q", n)
 	}
-	if n := busyNote(BenchHost{CPUs: 2, LoadStart: 7.16, LoadEnd: 0.2}); !strings.Contains(n, "7.16 at the start") {
+	if n := busyNote(Host{CPUs: 2, LoadStart: 7.16, LoadEnd: 0.2}); !strings.Contains(n, "7.16 at the start") {
 		t.Errorf("busy note %q", n)
 	}
 }

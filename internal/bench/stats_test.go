@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"math"
@@ -75,7 +77,7 @@ func TestSpreadOfNothing(t *testing.T) {
 }
 
 func TestSummarizeJob(t *testing.T) {
-	j := job{size: 64 * MiB, backing: "anon", method: "prefault x1", workers: 1}
+	j := job{size: 64 * units.MiB, backing: "anon", method: "prefault x1", workers: 1}
 	samples := []sample{
 		{mapT: 5, register: 1, prefault: 1000, teardown: 7},
 		{mapT: 3, register: 2, prefault: 100, teardown: 4},
@@ -86,7 +88,7 @@ func TestSummarizeJob(t *testing.T) {
 		r.Setup.Cold != 1006 || r.Teardown.N != 2 {
 		t.Fatalf("summarizeJob = map %+v prefault %+v setup %+v teardown %+v", r.Map, r.Prefault, r.Setup, r.Teardown)
 	}
-	if want := units.GiBPerSec(uint64(64*MiB), 200); r.GiBps != want {
+	if want := units.GiBPerSec(uint64(64*units.MiB), 200); r.GiBps != want {
 		t.Errorf("GiBps = %v, want %v", r.GiBps, want)
 	}
 	if r.Huge != 0.5 || r.Resident != 1 || r.Note != "n" || r.SizeText != "64MiB" {
@@ -94,7 +96,7 @@ func TestSummarizeJob(t *testing.T) {
 	}
 
 	// A phase a method lacks (negative) is nil, and is not in the setup.
-	peer := summarizeJob(job{size: GiB, peer: true}, []sample{
+	peer := summarizeJob(job{size: units.GiB, peer: true}, []sample{
 		{mapT: notApplicable, register: notApplicable, prefault: 10, teardown: notApplicable},
 	}, 0)
 	if peer.Map != nil || peer.Register != nil || peer.Teardown != nil || peer.Setup.Median != 10 {

@@ -1,4 +1,6 @@
-package main
+//go:build amd64
+
+package bench
 
 import (
 	"context"
@@ -9,42 +11,43 @@ import (
 
 	"github.com/gmem-vmm/gmem/guestmem"
 	"github.com/gmem-vmm/gmem/internal/guest"
+	"github.com/gmem-vmm/gmem/internal/units"
 	"github.com/gmem-vmm/gmem/kvm"
 )
 
 // strategyLabel is the method column of a gmem strategy.
 func strategyLabel(st string, workers int) string {
 	switch st {
-	case stratPrefault1:
+	case StrategyPrefault1:
 		return "prefault x1"
-	case stratPrefaultN:
+	case StrategyPrefaultN:
 		return fmt.Sprintf("prefault x%d", workers)
 	}
 	return st
 }
 
 // guestTouchAuto is the largest guest whose first touch by a vCPU is timed
-// by default (--guest-touch auto); guestTouchMax is the largest at all: the
+// by default (--guest-touch auto); GuestTouchMax is the largest at all: the
 // harness identity-maps 64 GiB of guest-physical space, and the x86 layout
 // puts RAM past 3 GiB above 4 GiB.
 const (
-	guestTouchAuto = 1 * GiB
-	guestTouchMax  = 60 * GiB
+	guestTouchAuto = 1 * units.GiB
+	GuestTouchMax  = 60 * units.GiB
 )
 
 // gmemJob times guest RAM set up by guestmem: New (reserve and map),
 // Register with a VM, the prefault strategy, optionally a vCPU writing every
 // page (touch), and Close. dev may be nil (no KVM): registration and the
 // guest touch are then not measured.
-func gmemJob(size Size, bk Backing, st string, workers int, dev *kvm.Device, touch bool) job {
+func gmemJob(size units.Size, bk Backing, st string, workers int, dev *kvm.Device, touch bool) job {
 	w := 1
-	if st == stratPrefaultN {
+	if st == StrategyPrefaultN {
 		w = workers
 	}
 	j := job{size: size, backing: bk.Name, method: strategyLabel(st, workers), workers: w}
 	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
 		once := func(ctx context.Context) (sample, error) {
-			if st == stratMapPopulate {
+			if st == StrategyMapPopulate {
 				return mapPopulateRun(size, bk, dev)
 			}
 			return gmemRun(ctx, size, bk, st, w, dev, touch)
@@ -73,7 +76,7 @@ func registerSlots(dev *kvm.Device, regions []guestmem.Region) (*kvm.VM, time.Du
 }
 
 // gmemRun is one run of a guestmem strategy.
-func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int, dev *kvm.Device,
+func gmemRun(ctx context.Context, size units.Size, bk Backing, st string, workers int, dev *kvm.Device,
 	touch bool) (s sample, err error) {
 	s = sample{register: notApplicable, guestTouch: notApplicable}
 	t0 := time.Now()
@@ -107,10 +110,10 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 	}
 	t1 := time.Now()
 	switch st {
-	case stratNone:
-	case stratPrefault1, stratPrefaultN:
+	case StrategyNone:
+	case StrategyPrefault1, StrategyPrefaultN:
 		err = m.Prefault(ctx, guestmem.PrefaultOptions{Workers: workers})
-	case stratTouch:
+	case StrategyTouch:
 		for _, r := range m.Regions() {
 			var b []byte
 			if b, err = m.Slice(r.GPA, r.Size); err == nil {
@@ -124,7 +127,7 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 		err = fmt.Errorf("unknown strategy %q", st)
 	}
 	s.prefault = time.Since(t1)
-	if st == stratNone {
+	if st == StrategyNone {
 		s.prefault = notApplicable
 	}
 	if err != nil {
@@ -174,7 +177,7 @@ func gmemRun(ctx context.Context, size Size, bk Backing, st string, workers int,
 // layout's slots. The mmap and the populate are one system call: the whole
 // of it is reported as the prefault phase, and there is no separate map
 // phase.
-func mapPopulateRun(size Size, bk Backing, dev *kvm.Device) (s sample, err error) {
+func mapPopulateRun(size units.Size, bk Backing, dev *kvm.Device) (s sample, err error) {
 	s = sample{mapT: notApplicable, register: notApplicable}
 	t0 := time.Now()
 	p, err := mapPlain(uint64(size), bk, true)
@@ -214,7 +217,7 @@ func mapPopulateRun(size Size, bk Backing, dev *kvm.Device) (s sample, err error
 // madviseJob is the direct-madvise peer: madvise(MADV_POPULATE_WRITE) from
 // workers threads on a plain mapping of the same size and backing, the
 // system call guestmem's Prefault makes, without guestmem.
-func madviseJob(size Size, bk Backing, workers int) job {
+func madviseJob(size units.Size, bk Backing, workers int) job {
 	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("madvise x%d", workers), peer: true, workers: workers}
 	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
 		once := func(context.Context) (s sample, err error) {
@@ -240,7 +243,7 @@ func madviseJob(size Size, bk Backing, workers int) job {
 // write by user space to a page the kernel populated can cost extra (a
 // hypervisor's shadow-paging fault, on some hosts), so the timed passes
 // come after an untimed one.
-func memsetJob(size Size, bk Backing, workers int) job {
+func memsetJob(size units.Size, bk Backing, workers int) job {
 	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("memset x%d", workers), peer: true, workers: workers}
 	j.open = func(ctx context.Context) (func(context.Context) (sample, error), func() error, error) {
 		p, err := mapPlain(uint64(size), bk, false)
