@@ -168,7 +168,7 @@ func New(cfg Config) (*Plan, error) {
 	pools := host.ReadHugePools(cfg.Root)
 	type sizedBacking struct {
 		size units.Size
-		b    Backing
+		b    BackingChoice
 	}
 	var matrix []sizedBacking
 	for _, s := range cfg.Sizes {
@@ -177,7 +177,7 @@ func New(cfg Config) (*Plan, error) {
 			if err != nil {
 				return fail(err)
 			}
-			if bk.Kind == guestmem.Hugetlb {
+			if bk.Backing == guestmem.Hugetlb {
 				if err := pools.Check(bk.HugePage, uint64(s)); err != nil {
 					if cfg.ExplicitBackings {
 						return fail(fmt.Errorf("backing hugetlb unavailable for %v: %w", s, err))

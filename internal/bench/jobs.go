@@ -39,7 +39,7 @@ const (
 // Register with a VM, the prefault strategy, optionally a vCPU writing every
 // page (touch), and Close. dev may be nil (no KVM): registration and the
 // guest touch are then not measured.
-func gmemJob(size units.Size, bk Backing, st string, workers int, dev *kvm.Device, touch bool) job {
+func gmemJob(size units.Size, bk BackingChoice, st string, workers int, dev *kvm.Device, touch bool) job {
 	w := 1
 	if st == StrategyPrefaultN {
 		w = workers
@@ -76,7 +76,7 @@ func registerSlots(dev *kvm.Device, regions []guestmem.Region) (*kvm.VM, time.Du
 }
 
 // gmemRun is one run of a guestmem strategy.
-func gmemRun(ctx context.Context, size units.Size, bk Backing, st string, workers int, dev *kvm.Device,
+func gmemRun(ctx context.Context, size units.Size, bk BackingChoice, st string, workers int, dev *kvm.Device,
 	touch bool) (s sample, err error) {
 	s = sample{register: notApplicable, guestTouch: notApplicable}
 	t0 := time.Now()
@@ -177,7 +177,7 @@ func gmemRun(ctx context.Context, size units.Size, bk Backing, st string, worker
 // layout's slots. The mmap and the populate are one system call: the whole
 // of it is reported as the prefault phase, and there is no separate map
 // phase.
-func mapPopulateRun(size units.Size, bk Backing, dev *kvm.Device) (s sample, err error) {
+func mapPopulateRun(size units.Size, bk BackingChoice, dev *kvm.Device) (s sample, err error) {
 	s = sample{mapT: notApplicable, register: notApplicable}
 	t0 := time.Now()
 	p, err := mapPlain(uint64(size), bk, true)
@@ -217,7 +217,7 @@ func mapPopulateRun(size units.Size, bk Backing, dev *kvm.Device) (s sample, err
 // madviseJob is the direct-madvise peer: madvise(MADV_POPULATE_WRITE) from
 // workers threads on a plain mapping of the same size and backing, the
 // system call guestmem's Prefault makes, without guestmem.
-func madviseJob(size units.Size, bk Backing, workers int) job {
+func madviseJob(size units.Size, bk BackingChoice, workers int) job {
 	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("madvise x%d", workers), peer: true, workers: workers}
 	j.open = func(context.Context) (func(context.Context) (sample, error), func() error, error) {
 		once := func(context.Context) (s sample, err error) {
@@ -243,7 +243,7 @@ func madviseJob(size units.Size, bk Backing, workers int) job {
 // write by user space to a page the kernel populated can cost extra (a
 // hypervisor's shadow-paging fault, on some hosts), so the timed passes
 // come after an untimed one.
-func memsetJob(size units.Size, bk Backing, workers int) job {
+func memsetJob(size units.Size, bk BackingChoice, workers int) job {
 	j := job{size: size, backing: bk.Name, method: fmt.Sprintf("memset x%d", workers), peer: true, workers: workers}
 	j.open = func(ctx context.Context) (func(context.Context) (sample, error), func() error, error) {
 		p, err := mapPlain(uint64(size), bk, false)

@@ -29,7 +29,7 @@ import (
 // qemuBackend returns the QEMU memory backend object for backing b, or
 // false when QEMU has no counterpart (QEMU advises MADV_HUGEPAGE on all its
 // RAM, so plain anonymous memory without THP has none).
-func qemuBackend(size units.Size, b Backing) (string, bool) {
+func qemuBackend(size units.Size, b BackingChoice) (string, bool) {
 	switch b.Name {
 	case BackingAnonTHP:
 		return fmt.Sprintf("memory-backend-ram,id=m,size=%d", uint64(size)), true
@@ -45,7 +45,7 @@ func qemuBackend(size units.Size, b Backing) (string, bool) {
 // qemuArgs is a QEMU command line that creates the memory backend, with
 // or without preallocation by threads threads, and stops at the monitor
 // prompt: no machine (-machine none), no devices, no guest code (-S).
-func qemuArgs(size units.Size, b Backing, threads int, prealloc bool, accel string) ([]string, bool) {
+func qemuArgs(size units.Size, b BackingChoice, threads int, prealloc bool, accel string) ([]string, bool) {
 	obj, ok := qemuBackend(size, b)
 	if !ok {
 		return nil, false
@@ -64,7 +64,7 @@ func qemuArgs(size units.Size, b Backing, threads int, prealloc bool, accel stri
 // prealloc=on minus the median of the same with prealloc=off. The off runs
 // come first, after one untimed start that brings QEMU's binary into the
 // page cache.
-func qemuJob(qemu string, size units.Size, bk Backing, threads int, haveKVM bool) (job, bool) {
+func qemuJob(qemu string, size units.Size, bk BackingChoice, threads int, haveKVM bool) (job, bool) {
 	accel := "tcg"
 	if haveKVM {
 		accel = "kvm"

@@ -15,15 +15,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Backing is one way of backing guest RAM that the bench measures.
-type Backing struct {
+// BackingChoice is one of the backings the bench measures (a --backings
+// name): a guestmem backing, with or without transparent hugepages, or
+// hugetlb with its page size.
+type BackingChoice struct {
 	Name     string           // flag value and table label: anon, anon-thp, memfd, hugetlb
-	Kind     guestmem.Backing // the guestmem backing
+	Backing  guestmem.Backing // what guestmem.New is asked for
 	THP      bool             // transparent hugepages requested (MADV_HUGEPAGE)
 	HugePage uint64           // hugetlb page size; 0 for other backings
 }
 
-// The backing names the --backings flag accepts.
+// The names of the backing choices, which the --backings flag accepts.
 const (
 	BackingAnon    = "anon"
 	BackingAnonTHP = "anon-thp"
@@ -35,24 +37,24 @@ var BackingNames = []string{BackingAnon, BackingAnonTHP, BackingMemfd, BackingHu
 
 // backingByName returns the backing called name; hugePage is the hugetlb
 // page size.
-func backingByName(name string, hugePage uint64) (Backing, error) {
+func backingByName(name string, hugePage uint64) (BackingChoice, error) {
 	switch name {
 	case BackingAnon:
-		return Backing{Name: name, Kind: guestmem.Anonymous}, nil
+		return BackingChoice{Name: name, Backing: guestmem.Anonymous}, nil
 	case BackingAnonTHP:
-		return Backing{Name: name, Kind: guestmem.Anonymous, THP: true}, nil
+		return BackingChoice{Name: name, Backing: guestmem.Anonymous, THP: true}, nil
 	case BackingMemfd:
-		return Backing{Name: name, Kind: guestmem.Memfd, THP: true}, nil
+		return BackingChoice{Name: name, Backing: guestmem.Memfd, THP: true}, nil
 	case BackingHugetlb:
-		return Backing{Name: name, Kind: guestmem.Hugetlb, HugePage: hugePage}, nil
+		return BackingChoice{Name: name, Backing: guestmem.Hugetlb, HugePage: hugePage}, nil
 	}
-	return Backing{}, fmt.Errorf("unknown backing %q (want one of %v)", name, BackingNames)
+	return BackingChoice{}, fmt.Errorf("unknown backing %q (want one of %v)", name, BackingNames)
 }
 
 // guestmemOptions are the guestmem.New options for b.
-func (b Backing) guestmemOptions() []guestmem.Option {
+func (b BackingChoice) guestmemOptions() []guestmem.Option {
 	opts := []guestmem.Option{guestmem.WithName("gmem-bench")}
-	switch b.Kind {
+	switch b.Backing {
 	case guestmem.Memfd:
 		opts = append(opts, guestmem.WithMemfd())
 	case guestmem.Hugetlb:
@@ -65,7 +67,7 @@ func (b Backing) guestmemOptions() []guestmem.Option {
 }
 
 // granule is the page size of the backing: the unit work is split in.
-func (b Backing) granule() uint64 {
+func (b BackingChoice) granule() uint64 {
 	if b.HugePage != 0 {
 		return b.HugePage
 	}
@@ -84,21 +86,21 @@ type plainMapping struct {
 // hugetlb memfd. With populate the mmap carries MAP_POPULATE. MADV_HUGEPAGE
 // is applied after the mmap when b asks for THP, so a populating mmap gets
 // it too late, as it would in any program.
-func mapPlain(size uint64, b Backing, populate bool) (*plainMapping, error) {
+func mapPlain(size uint64, b BackingChoice, populate bool) (*plainMapping, error) {
 	var opts []arena.Option
 	if populate {
 		opts = append(opts, arena.PopulateOnMap())
 	}
 	var m *arena.Mapping
 	var err error
-	switch b.Kind {
+	switch b.Backing {
 	case guestmem.Anonymous:
 		opts = append(opts, arena.Private(), arena.NoReserve(), arena.Align(2<<20))
 		m, err = arena.NewAnon(int64(size), opts...)
 	case guestmem.Memfd, guestmem.Hugetlb:
 		flags := unix.MFD_CLOEXEC
 		align := uint64(2 << 20)
-		if b.Kind == guestmem.Hugetlb {
+		if b.Backing == guestmem.Hugetlb {
 			flags |= unix.MFD_HUGETLB | bits.TrailingZeros64(b.HugePage)<<unix.MFD_HUGE_SHIFT
 			align = max(align, b.HugePage)
 		}
@@ -114,7 +116,7 @@ func mapPlain(size uint64, b Backing, populate bool) (*plainMapping, error) {
 		m, err = arena.NewFromFD(fd, 0, int64(size), opts...)
 		unix.Close(fd) // the mapping holds its own reference
 	default:
-		return nil, fmt.Errorf("backing %v cannot be mapped directly", b.Kind)
+		return nil, fmt.Errorf("backing %v cannot be mapped directly", b.Backing)
 	}
 	if err != nil {
 		return nil, err
