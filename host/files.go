@@ -79,8 +79,10 @@ func ReadMemInfo(root fs.FS) (MemInfo, error) {
 // /sys/kernel/mm/transparent_hugepage. An empty mode means the file is
 // absent (a kernel without THP).
 type THPModes struct {
-	Enabled      string `json:"enabled"`       // anonymous memory: always, madvise or never
-	Defrag       string `json:"defrag"`        // whether a THP fault compacts memory: always, defer, defer+madvise, madvise, never
+	Enabled string `json:"enabled"` // anonymous memory: always, madvise or never
+	// Defrag is whether a THP fault compacts memory: always, defer,
+	// defer+madvise, madvise or never.
+	Defrag       string `json:"defrag"`
 	ShmemEnabled string `json:"shmem_enabled"` // memfd and shared memory: always, within_size, advise, never, deny, force
 }
 

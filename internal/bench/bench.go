@@ -68,11 +68,13 @@ type Config struct {
 	Workers                         int    // threads of prefault-n and of the parallel peers, at least 1
 	Runs, Warmup                    int    // measured runs per figure (at least 1), and runs before them
 	HugepageSize                    uint64 // page size of the hugetlb backing
-	QEMU                            string // the QEMU binary; "" for qemu-system-x86_64 on PATH (then a missing one is skipped unless ExplicitPeers)
-	KVMPath                         string // the KVM device for registration and the gokvm peer
-	GuestTouch                      string // "on", "off" or "auto" (guests up to 1 GiB): time a vCPU's first touch
-	Root                            fs.FS  // the host's root, for /proc and /sys
-	Command                         string // the command line, recorded in the report
+	// QEMU is the QEMU binary, which must exist; "" is qemu-system-x86_64
+	// on PATH, and the peer is skipped without one (unless ExplicitPeers).
+	QEMU       string
+	KVMPath    string // the KVM device for registration and the gokvm peer
+	GuestTouch string // "on", "off" or "auto" (guests up to 1 GiB): time a vCPU's first touch
+	Root       fs.FS  // the host's root, for /proc and /sys
+	Command    string // the command line, recorded in the report
 	// Progress, if not nil, is called when a figure starts (runs 0) and as
 	// its runs finish or are skipped (the number just accounted for), from
 	// the goroutine that called Run.

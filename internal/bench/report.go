@@ -230,7 +230,8 @@ func spreadCell(s *Summary) string {
 	if s.N < 2 {
 		return units.FormatDuration(s.Median)
 	}
-	return fmt.Sprintf("%s [%s-%s]", units.FormatDuration(s.Median), units.FormatDuration(s.Min), units.FormatDuration(s.Max))
+	d := units.FormatDuration
+	return fmt.Sprintf("%s [%s-%s]", d(s.Median), d(s.Min), d(s.Max))
 }
 
 func nonEmpty(ss ...string) []string {
