@@ -29,6 +29,7 @@ type CLI struct {
 	Run   RunCmd   `cmd:"" help:"Run a demo guest: map, prefault, register with KVM, write and verify every page, dirty pages, balloon, snapshot."`
 	Probe ProbeCmd `cmd:"" help:"Report what this host offers guests: KVM, hugepages, memory limits, and advice."`
 	Bench BenchCmd `cmd:"" help:"Benchmark guest-memory setup: reserve, KVM registration, prefault, teardown."`
+	Boot  BootCmd  `cmd:"" help:"Boot a Linux kernel on KVM with package vmm and stream its serial console; Ctrl-C stops it."`
 }
 
 // Env is what every command runs with: where to write, the host's /proc
