@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Package vmm is a small virtual machine monitor built from gmem's packages:
 // it boots a Linux kernel on KVM with one vCPU and a serial console, and
 // saves and restores the running machine. It is the VMM docs/vmm.md walks

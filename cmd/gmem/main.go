@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Command gmem inspects a host for running guests and measures guest-memory
 // setup on it.
 //

@@ -1,3 +1,5 @@
+//go:build amd64
+
 // Command firstvmm is the VMM of docs/vmm.md ("Your first VMM"): it boots a
 // Linux kernel on KVM with its console on the terminal, pauses and resumes
 // it, kicks it out of the guest, saves a snapshot, and restores the
