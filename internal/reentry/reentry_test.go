@@ -42,7 +42,7 @@ func TestCheckTellsTheHolderFromOthers(t *testing.T) {
 }
 
 func TestGoroutineIdentity(t *testing.T) {
-	if goroutine() != goroutine() {
+	if a, b := goroutine(), goroutine(); a != b {
 		t.Fatal("one goroutine has two identities")
 	}
 	const n = 50
