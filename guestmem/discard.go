@@ -18,7 +18,7 @@ var ErrReadOnly = errors.New("region is read-only")
 // the host read zeros there and host memory use falls accordingly. The range
 // must be guest RAM (it may cross contiguous regions) and aligned to the
 // page size. A read-only region is ErrReadOnly; locked pages (LockOnFault)
-// are an error wrapping arena.ErrLocked, saying to Unlock first. While dirty
+// are an error wrapping ErrLocked, saying to Unlock first. While dirty
 // tracking is on, the discarded pages count as dirty: they changed to zero.
 func (m *Memory) Discard(a GuestAddress, n uint64) error {
 	const op = "Discard"

@@ -86,7 +86,7 @@ var ErrDataLoss = errors.New("the call would lose guest data")
 // wrote. On private guest RAM (Anonymous, File, lazily restored memory) the
 // same call would throw the guest's pages away, so it is refused with
 // ErrDataLoss before anything is dropped; use Discard to free pages on
-// purpose. Locked pages: an error wrapping arena.ErrLocked.
+// purpose. Locked pages: an error wrapping ErrLocked.
 func (m *Memory) DropPageCache(spans ...Span) error {
 	const op = "DropPageCache"
 	if m.backing != Memfd && m.backing != Hugetlb {
