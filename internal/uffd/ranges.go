@@ -3,14 +3,11 @@
 package uffd
 
 import (
-	"bufio"
-	"bytes"
 	"cmp"
 	"fmt"
-	"os"
 	"slices"
-	"strconv"
-	"strings"
+
+	"github.com/gmem-vmm/gmem/internal/procfs"
 )
 
 // region is a registered range as this package tracks it.
@@ -95,33 +92,13 @@ type vma struct {
 // of hugetlb memory; whether a range is still registered), never on a
 // fault's path.
 func readSmaps(start, end uintptr, f func(vma)) error {
-	b, err := os.ReadFile("/proc/self/smaps")
+	vmas, err := procfs.SmapsRange(start, end)
 	if err != nil {
 		return fmt.Errorf("uffd: %w", err)
 	}
-	var cur vma
-	in := false
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		line := sc.Text()
-		if lo, hi, ok := vmaBounds(line); ok {
-			in = lo < end && start < hi
-			cur = vma{start: lo, end: hi}
-			continue
-		}
-		if !in {
-			continue
-		}
-		key, val, _ := strings.Cut(line, ":")
-		switch key {
-		case "KernelPageSize": // "    2048 kB"
-			if kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(val), " kB"), 10, 64); err == nil {
-				cur.kernelPageSize = uintptr(kb) << 10
-			}
-		case "VmFlags": // the last line of a mapping's entry
-			cur.flags = strings.Fields(val)
-			f(cur)
-			in = false
+	for _, v := range vmas {
+		if v.Start < end && start < v.End {
+			f(vma{start: v.Start, end: v.End, kernelPageSize: uintptr(v.KernelPageSize), flags: v.Flags})
 		}
 	}
 	return nil
@@ -148,19 +125,4 @@ func kernelPageSize(start, end uintptr) (uintptr, error) {
 		return 0, fmt.Errorf("uffd: no page size for [%#x, %#x) in /proc/self/smaps", start, end)
 	}
 	return size, nil
-}
-
-// vmaBounds parses the "start-end perms ..." line opening a VMA in smaps.
-func vmaBounds(line string) (lo, hi uintptr, ok bool) {
-	field, _, _ := strings.Cut(line, " ")
-	l, h, found := strings.Cut(field, "-")
-	if !found {
-		return 0, 0, false
-	}
-	a, err1 := strconv.ParseUint(l, 16, 64)
-	b, err2 := strconv.ParseUint(h, 16, 64)
-	if err1 != nil || err2 != nil {
-		return 0, 0, false
-	}
-	return uintptr(a), uintptr(b), true
 }
