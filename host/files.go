@@ -182,13 +182,20 @@ func (p HugePools) Check(pageSize, size uint64) error {
 		return fmt.Errorf("%v is not a multiple of the %v page size", units.Size(size), units.Size(pageSize))
 	}
 	need := size / pageSize
-	if pool.Free < need {
+	// Free counts pages other mappings have reserved but not touched yet
+	// (resv_hugepages): they are not there for a new mapping.
+	avail := pool.Free - min(pool.Reserved, pool.Free)
+	if avail < need {
 		hint := ""
 		if pageSize == 2<<20 {
-			hint = fmt.Sprintf(" (echo %d > /proc/sys/vm/nr_hugepages)", pool.Total+need-pool.Free)
+			hint = fmt.Sprintf(" (echo %d > /proc/sys/vm/nr_hugepages)", pool.Total+need-avail)
 		}
-		return fmt.Errorf("the %v pool has %d free pages of %d, and %v needs %d%s", units.Size(pageSize), pool.Free,
-			pool.Total, units.Size(size), need, hint)
+		reserved := ""
+		if pool.Reserved > 0 {
+			reserved = fmt.Sprintf(" (%d of them reserved by other mappings)", pool.Reserved)
+		}
+		return fmt.Errorf("the %v pool has %d free pages of %d%s, and %v needs %d%s", units.Size(pageSize), pool.Free,
+			pool.Total, reserved, units.Size(size), need, hint)
 	}
 	return nil
 }

@@ -88,4 +88,11 @@ func TestHugePoolsCheck(t *testing.T) {
 	err = pools.Check(1<<30, 8<<30)
 	require.ErrorContains(t, err, "the 1GiB pool has 4 free pages of 4, and 8GiB needs 8")
 	require.False(t, strings.Contains(err.Error(), "nr_hugepages"), "a 1 GiB pool is reserved at boot: %v", err)
+
+	// Free pages that other mappings reserved are not there for a new one.
+	pools = HugePools{{PageSize: 2 << 20, Total: 30, Free: 30, Reserved: 8}}
+	require.NoError(t, pools.Check(2<<20, 44<<20), "22 of the 22 unreserved pages")
+	err = pools.Check(2<<20, 48<<20)
+	require.ErrorContains(t, err, "the 2MiB pool has 30 free pages of 30 (8 of them reserved by other mappings), "+
+		"and 48MiB needs 24 (echo 32 > /proc/sys/vm/nr_hugepages)")
 }
