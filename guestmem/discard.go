@@ -28,7 +28,7 @@ func (m *Memory) Discard(a GuestAddress, n uint64) error {
 	}
 	defer t.release()
 	if n == 0 {
-		return &AddressError{Op: op, GPA: a, Err: ErrZeroSize}
+		return &AddressError{Op: op, GPA: a, Err: fmt.Errorf("%w: nothing to discard", ErrZeroSize)}
 	}
 	if uint64(a)%m.pageSize != 0 || n%m.pageSize != 0 {
 		return &AddressError{Op: op, GPA: a, Len: n, Err: fmt.Errorf("%w (page size %#x)", ErrUnaligned, m.pageSize)}

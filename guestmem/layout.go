@@ -35,7 +35,7 @@ type Layout []RegionSpec
 // the region at fault.
 var (
 	ErrEmptyLayout = errors.New("layout has no regions")
-	ErrZeroSize    = errors.New("region has zero size")
+	ErrZeroSize    = errors.New("zero size")
 	ErrUnaligned   = errors.New("address or size not aligned")
 	ErrOverlap     = errors.New("regions overlap")
 	ErrOverflow    = errors.New("region extends past the top of the guest address space")

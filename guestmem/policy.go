@@ -32,7 +32,7 @@ func (m *Memory) spans(t *table, op string, spans []Span) ([]piece, error) {
 	var out []piece
 	for _, s := range spans {
 		if s.Size == 0 {
-			return nil, &AddressError{Op: op, GPA: s.GPA, Err: ErrZeroSize}
+			return nil, &AddressError{Op: op, GPA: s.GPA, Err: fmt.Errorf("%w: an empty span", ErrZeroSize)}
 		}
 		if uint64(s.GPA)%m.pageSize != 0 || s.Size%m.pageSize != 0 {
 			return nil, &AddressError{Op: op, GPA: s.GPA, Len: s.Size,
