@@ -412,6 +412,11 @@ func (m *Memory) open(c config) error {
 		}
 		fd, err := unix.MemfdCreate(c.name, flags)
 		if err != nil {
+			if c.backing == Hugetlb && (errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV)) {
+				// No pool of that page size on this host (or no MFD_HUGETLB).
+				return fmt.Errorf("guestmem: New: %w: no %d-byte hugetlb pages here: %w: %w", ErrBacking, c.hugeSize,
+					errors.ErrUnsupported, os.NewSyscallError("memfd_create", err))
+			}
 			return fmt.Errorf("guestmem: New: %w: %w", ErrBacking, os.NewSyscallError("memfd_create", err))
 		}
 		m.fd = fd

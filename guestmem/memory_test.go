@@ -377,3 +377,10 @@ func TestConflictingOptionsAreRefused(t *testing.T) {
 	require.Equal(t, guestmem.Memfd, m.Backing())
 	require.NoError(t, m.Close())
 }
+
+// A hugetlb page size the host does not offer is "not supported".
+func TestHugetlbSizeNotOfferedIsUnsupported(t *testing.T) {
+	_, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 1 << 34}}, guestmem.WithHugetlb(1<<34)) // 16 GiB pages: none
+	require.ErrorIs(t, err, guestmem.ErrBacking)
+	require.ErrorIs(t, err, errors.ErrUnsupported)
+}
