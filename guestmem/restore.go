@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -154,6 +155,12 @@ func (m *Memory) apply(ctx context.Context, sr *snapReader) error {
 				}
 				continue
 			}
+			if e.kind == kindZstd {
+				if crcs[i], err = sr.inflate(e, m.putAt(e.gpa)); err != nil {
+					return err
+				}
+				continue
+			}
 			h := crc32.New(castagnoli)
 			n, err := m.CopyFrom(e.gpa, io.TeeReader(sr.r, h), e.n)
 			sr.off += n
@@ -169,6 +176,15 @@ func (m *Memory) apply(ctx context.Context, sr *snapReader) error {
 		if err := sr.sums(entries, crcs[:len(entries)]); err != nil {
 			return err
 		}
+	}
+}
+
+// putAt returns the function that stores a decompressed frame, at offset
+// off of the record at a, into m.
+func (m *Memory) putAt(a GuestAddress) func(off uint64, p []byte) error {
+	return func(off uint64, p []byte) error {
+		_, err := m.CopyFrom(a+GuestAddress(off), bytes.NewReader(p), uint64(len(p)))
+		return err
 	}
 }
 
@@ -240,7 +256,13 @@ func (sr *snapReader) verifyPart(ctx context.Context, crcs []uint32) error {
 			return err
 		}
 		for i, e := range entries {
-			if e.kind != kindData {
+			if e.kind == kindZero {
+				continue
+			}
+			if e.kind == kindZstd {
+				if crcs[i], err = sr.inflate(e, nil); err != nil {
+					return err
+				}
 				continue
 			}
 			h := crc32.New(castagnoli)
@@ -268,9 +290,11 @@ func (sr *snapReader) verifyPart(ctx context.Context, crcs []uint32) error {
 // backend). Everything but the payload checksums is checked first — the
 // header, every index and checksum block, the chain and the layout — so a
 // bad file gives a *SnapshotError and no Memory; run Verify beforehand to
-// check the payloads too. The files are opened read-only by the caller,
-// never written (writes go to private copies), and may be closed after the
-// call. The memory is Anonymous where no record maps a file; opts may set
+// check the payloads too. Compressed records (SaveOptions.Compress) cannot
+// be mapped: they are read into memory during the call, decompressed and
+// checked against their checksums. The files are opened read-only by the
+// caller, never written (writes go to private copies), and may be closed
+// after the call. The memory is Anonymous where no record maps a file; opts may set
 // WithGuardGap, WithMaxAddress, WithoutHugepages and WithName.
 func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory, error) {
 	if len(files) == 0 {
@@ -286,6 +310,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	}
 	type plan struct {
 		f       *os.File
+		stream  int
 		entries []entry
 	}
 	var plans []plan
@@ -316,10 +341,14 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 					break
 				}
 				var data int64
-				for _, e := range entries {
-					if e.kind == kindData {
+				for j, e := range entries {
+					switch e.kind {
+					case kindData:
 						data += int64(e.n)
+					case kindZstd:
+						data += e.plen
 					}
+					entries[j].part = sr.index
 				}
 				if err = sr.skip(data); err == nil {
 					err = sr.sums(entries, nil)
@@ -337,7 +366,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 		}
 		index = sr.index + 1
 		mappings += len(all)
-		plans = append(plans, plan{f: f, entries: all})
+		plans = append(plans, plan{f: f, stream: i, entries: all})
 	}
 	if limit := maxMapCount(); mappings > limit/2 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: the snapshots hold %d records, each a memory area, and "+
@@ -370,13 +399,28 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 				err = pc.inGuestTerms("RestoreLazy", err)
 				at += pc.n
 			}
+			if err == nil && e.kind == kindZstd {
+				err = inflateAt(m, p.f, p.stream, e)
+			}
 			if err != nil {
-				return nil, errors.Join(err, m.Close())
+				return nil, errors.Join(withOp("RestoreLazy", err), m.Close())
 			}
 		}
 	}
 	m.snap = snapState{id: prev.ID, layout: prev.Layout}
 	return m, nil
+}
+
+// inflateAt reads the compressed record e of file f (stream number stream)
+// into m, whose range for it is anonymous memory, and checks its checksum.
+func inflateAt(m *Memory, f *os.File, stream int, e entry) error {
+	sr := &snapReader{r: io.NewSectionReader(f, e.at, e.plen), stream: stream, index: e.part, off: e.at}
+	crc, err := sr.inflate(e, m.putAt(e.gpa))
+	if err == nil && crc != e.crc {
+		err = sr.fail(e.at, fmt.Errorf("%w: data of [%v, +%#x): crc %#x, stored %#x", ErrSnapshotChecksum, e.gpa, e.n,
+			crc, e.crc))
+	}
+	return err
 }
 
 // maxMapCount reads vm.max_map_count (65530 if unreadable).

@@ -14,9 +14,15 @@ import (
 	"slices"
 )
 
-// SnapshotVersion is the version of the snapshot format Save writes and
-// Restore reads. docs/guestmem.md specifies it.
+// SnapshotVersion is the version of the snapshot format Save writes without
+// compression. docs/guestmem.md specifies it.
 const SnapshotVersion = 1
+
+// SnapshotVersionCompressed is the version Save writes with
+// SaveOptions.Compress: version 1 plus compressed data records
+// (docs/guestmem.md, "Snapshot stream format, version 2"). Restore,
+// RestoreLazy and Verify read both.
+const SnapshotVersionCompressed = 2
 
 // Snapshot errors. Every error from Restore, RestoreLazy and Verify about
 // the stream itself is a *SnapshotError wrapping one of them.
@@ -70,6 +76,7 @@ const (
 	maxEntries     = (blockSize - 32) / entrySize // 127 per index block
 	kindData       = 1
 	kindZero       = 2
+	kindZstd       = 3 // compressed data, version 2 only
 	flagIncrement  = 1
 	regionReadOnly = 1
 	snapMagic      = "GMEMSNAP"
@@ -88,6 +95,7 @@ func blockCRC(b []byte, off int) uint32 {
 }
 
 type snapHeader struct {
+	version uint32 // 0: SnapshotVersion
 	flags   uint32
 	regions Layout
 	id      [16]byte
@@ -102,7 +110,11 @@ func (h *snapHeader) marshal() []byte {
 	b := make([]byte, h.size())
 	copy(b, snapMagic)
 	le := binary.LittleEndian
-	le.PutUint32(b[8:], SnapshotVersion)
+	v := h.version
+	if v == 0 {
+		v = SnapshotVersion
+	}
+	le.PutUint32(b[8:], v)
 	le.PutUint32(b[12:], h.flags)
 	le.PutUint32(b[16:], dirtyPage)
 	le.PutUint32(b[20:], uint32(len(h.regions)))
@@ -126,7 +138,10 @@ type entry struct {
 	gpa  GuestAddress
 	n    uint64
 	kind uint32
-	at   int64 // stream offset of the payload (data records)
+	at   int64  // stream offset of the payload (data records)
+	plen int64  // payload length of a compressed record (index offset 24)
+	crc  uint32 // the checksum block's, once read
+	part int    // which snapshot of the chain (RestoreLazy)
 }
 
 // indexBlock encodes the index block of batch number batch.
@@ -141,6 +156,9 @@ func indexBlock(pending []entry, batch uint64) []byte {
 		le.PutUint64(b[o:], uint64(e.gpa))
 		le.PutUint64(b[o+8:], e.n)
 		le.PutUint32(b[o+16:], e.kind)
+		if e.kind == kindZstd {
+			le.PutUint64(b[o+24:], uint64(e.plen))
+		}
 	}
 	le.PutUint32(b[12:], blockCRC(b, 12))
 	return b
@@ -183,6 +201,7 @@ type snapReader struct {
 	off     int64 // bytes consumed from the stream
 	start   int64 // stream offset of the current snapshot's header
 	info    SnapshotInfo
+	version uint32 // of the current snapshot
 	batches uint64
 	next    GuestAddress // records must increase
 	block   [blockSize]byte
@@ -261,8 +280,10 @@ func (sr *snapReader) header(top GuestAddress) error {
 	if string(b[:8]) != snapMagic {
 		return sr.fail(at, fmt.Errorf("%w: no snapshot magic", ErrSnapshotFormat))
 	}
-	if v := le.Uint32(b[8:]); v != SnapshotVersion {
-		return sr.fail(at, fmt.Errorf("%w: version %d, this package reads %d", ErrSnapshotVersion, v, SnapshotVersion))
+	sr.version = le.Uint32(b[8:])
+	if sr.version != SnapshotVersion && sr.version != SnapshotVersionCompressed {
+		return sr.fail(at, fmt.Errorf("%w: version %d, this package reads %d and %d", ErrSnapshotVersion, sr.version,
+			SnapshotVersion, SnapshotVersionCompressed))
 	}
 	flags, page, n, size := le.Uint32(b[12:]), le.Uint32(b[16:]), le.Uint32(b[20:]), le.Uint32(b[24:])
 	if flags&^flagIncrement != 0 || page != dirtyPage || n == 0 || n > maxSnapRegions ||
@@ -335,20 +356,34 @@ func (sr *snapReader) batch() ([]entry, error) {
 	for i := range entries {
 		o := 32 + i*entrySize
 		e := entry{gpa: GuestAddress(le.Uint64(b[o:])), n: le.Uint64(b[o+8:]), kind: le.Uint32(b[o+16:])}
-		if e.n == 0 || e.n%dirtyPage != 0 || uint64(e.gpa)%dirtyPage != 0 || e.kind != kindData && e.kind != kindZero ||
-			e.gpa < sr.next || e.n > uint64(MaxGuestAddress) {
+		zstdOK := e.kind == kindZstd && sr.version == SnapshotVersionCompressed
+		if e.n == 0 || e.n%dirtyPage != 0 || uint64(e.gpa)%dirtyPage != 0 ||
+			e.kind != kindData && e.kind != kindZero && !zstdOK || e.gpa < sr.next || e.n > uint64(MaxGuestAddress) {
 			return nil, sr.fail(at, fmt.Errorf("%w: record %d [%v, +%#x) kind %d", ErrSnapshotFormat, i, e.gpa, e.n, e.kind))
 		}
 		if !sr.info.Layout.covers(e.gpa, e.n) {
 			return nil, sr.fail(at, fmt.Errorf("%w: record [%v, +%#x) is not in the snapshot's guest RAM",
 				ErrSnapshotLayout, e.gpa, e.n))
 		}
+		if e.kind == kindZstd {
+			p := le.Uint64(b[o+24:])
+			if p == 0 || p%blockSize != 0 || p > maxZstdPayload(e.n) {
+				return nil, sr.fail(at, fmt.Errorf("%w: record %d [%v, +%#x): compressed length %#x", ErrSnapshotFormat,
+					i, e.gpa, e.n, p))
+			}
+			e.plen = int64(p)
+		}
 		sr.next = e.gpa + GuestAddress(e.n)
-		if e.kind == kindData {
+		switch e.kind {
+		case kindData:
 			e.at = payload
 			payload += int64(e.n)
 			sr.info.DataBytes += e.n
-		} else {
+		case kindZstd:
+			e.at = payload
+			payload += e.plen
+			sr.info.DataBytes += e.n
+		default:
 			sr.info.ZeroBytes += e.n
 		}
 		sr.info.Records++
@@ -373,7 +408,8 @@ func (sr *snapReader) sums(entries []entry, got []uint32) error {
 		return sr.fail(at, fmt.Errorf("%w: checksum block crc %#x, stored %#x", ErrSnapshotChecksum, c, want))
 	}
 	for i, e := range entries {
-		if got != nil && e.kind == kindData && got[i] != le.Uint32(b[32+i*4:]) {
+		entries[i].crc = le.Uint32(b[32+i*4:])
+		if got != nil && e.kind != kindZero && got[i] != le.Uint32(b[32+i*4:]) {
 			return sr.fail(e.at, fmt.Errorf("%w: data of [%v, +%#x): crc %#x, stored %#x", ErrSnapshotChecksum, e.gpa,
 				e.n, got[i], le.Uint32(b[32+i*4:])))
 		}

@@ -23,26 +23,31 @@ func FuzzRestore(f *testing.F) {
 	if err := m.StartDirtyTracking(guestmem.HostWritesOnly()); err != nil {
 		f.Fatal(err)
 	}
-	var base, inc bytes.Buffer
-	if _, err := m.Save(context.Background(), &base, guestmem.SaveOptions{}); err != nil {
-		f.Fatal(err)
+	// streams[0] is a full snapshot and streams[1] an increment on it;
+	// streams[2] and [3] the same compressed (version 2).
+	var streams [4]bytes.Buffer
+	for i, o := range []guestmem.SaveOptions{{}, {Incremental: true}, {Compress: true}, {Incremental: true, Compress: true}} {
+		if _, err := m.Save(context.Background(), &streams[i], o); err != nil {
+			f.Fatal(err)
+		}
+		_ = m.WriteUint64(0x3000, uint64(i)+1)
 	}
-	_ = m.WriteUint64(0x3000, 1)
-	if _, err := m.Save(context.Background(), &inc, guestmem.SaveOptions{Incremental: true}); err != nil {
-		f.Fatal(err)
-	}
-	// The fuzzer edits a valid stream rather than inventing one: 4 KiB blocks
+	// The fuzzer edits a valid stream (which picks it) rather than inventing one: 4 KiB blocks
 	// make raw inputs too large for the mutator to explore quickly. Each
 	// three bytes of edits XOR one byte (two bytes of position, scaled to the
 	// stream, then the value); cut truncates the stream.
-	f.Add([]byte{}, uint32(0), false)
-	f.Add([]byte{0, 40, 1}, uint32(0), true)
-	f.Add([]byte{16, 1, 0x80, 200, 7, 3}, uint32(9000), false)
-	f.Fuzz(func(t *testing.T, edits []byte, cut uint32, incremental bool) {
-		src := base.Bytes()
-		if incremental {
-			src = inc.Bytes()
-		}
+	f.Add([]byte{}, uint32(0), uint8(0))
+	f.Add([]byte{0, 40, 1}, uint32(0), uint8(1))
+	f.Add([]byte{16, 1, 0x80, 200, 7, 3}, uint32(9000), uint8(0))
+	f.Add([]byte{}, uint32(0), uint8(2))
+	f.Add([]byte{}, uint32(0), uint8(3))
+	f.Add([]byte{64, 0, 0x10}, uint32(0), uint8(2))    // in the frame table
+	f.Add([]byte{66, 0, 0x01}, uint32(8300), uint8(2)) // in a frame, and cut inside it
+	f.Fuzz(func(t *testing.T, edits []byte, cut uint32, which uint8) {
+		which %= 4
+		incremental := which%2 == 1
+		src := streams[which].Bytes()
+		base := &streams[which-which%2]
 		b := bytes.Clone(src)
 		for i := 0; i+2 < len(edits); i += 3 {
 			pos := (int(edits[i])<<8 | int(edits[i+1])) * len(b) >> 16

@@ -213,9 +213,9 @@ func TestSnapshotCorruption(t *testing.T) {
 	require.ErrorIs(t, restore(flip(2*4096+8)), guestmem.ErrSnapshotChecksum, "payload")
 	require.ErrorIs(t, restore(flip(0)), guestmem.ErrSnapshotFormat, "magic")
 	require.ErrorIs(t, restore([]byte(strings.Repeat("x", 8192))), guestmem.ErrSnapshotFormat)
-	v2 := bytes.Clone(snap)
-	binary.LittleEndian.PutUint32(v2[8:], 2)
-	require.ErrorIs(t, restore(v2), guestmem.ErrSnapshotVersion)
+	v3 := bytes.Clone(snap)
+	binary.LittleEndian.PutUint32(v3[8:], 3)
+	require.ErrorIs(t, restore(v3), guestmem.ErrSnapshotVersion)
 	// A record outside the layout, with valid checksums: a layout error.
 	bad := bytes.Clone(snap)
 	binary.LittleEndian.PutUint64(bad[4096+32:], 12*mib) // first record's address, in the hole
