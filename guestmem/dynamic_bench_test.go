@@ -20,8 +20,13 @@ import (
 // quarterFull is a 4 GiB guest (x86 layout) with one MiB in four written
 // with non-zero data: 1 GiB populated, 3 GiB never touched.
 func quarterFull(b *testing.B, backing guestmem.Backing) (*guestmem.Memory, uint64) {
+	return quarterFullOf(b, 4<<30, backing)
+}
+
+// quarterFullOf is quarterFull of size bytes; n is the bytes written.
+func quarterFullOf(b *testing.B, size uint64, backing guestmem.Backing) (*guestmem.Memory, uint64) {
 	b.Helper()
-	m, err := guestmem.New(guestmem.X86Layout(4<<30), withBacking(backing))
+	m, err := guestmem.New(guestmem.X86Layout(size), withBacking(backing))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -113,21 +118,7 @@ func BenchmarkSave4GiBQuarter(b *testing.B) {
 // copying sink. MB/s counts the populated bytes; ratio is the compressed
 // stream's size over the plain one's.
 func BenchmarkSaveCompressed(b *testing.B) {
-	m, err := guestmem.New(guestmem.X86Layout(256 << 20))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { m.Close() })
-	chunk := bytes.Repeat([]byte{0x5a, 1, 2, 3, 4, 5, 6, 7}, mib/8)
-	var n uint64
-	for _, r := range m.Regions() {
-		for off := uint64(0); off < r.Size; off += 4 * mib {
-			if _, err := m.WriteAt(chunk, int64(r.GPA)+int64(off)); err != nil {
-				b.Fatal(err)
-			}
-			n += mib
-		}
-	}
+	m, n := quarterFullOf(b, 256<<20, guestmem.Anonymous)
 	plain, err := m.Save(context.Background(), &copySink{buf: make([]byte, mib)}, guestmem.SaveOptions{})
 	if err != nil {
 		b.Fatal(err)
