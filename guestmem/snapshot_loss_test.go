@@ -162,28 +162,39 @@ func (w *cancelWriter) Write(p []byte) (int, error) {
 // been tried: an increment on the earlier base still holds every page
 // written since that base.
 func TestFailedFullSaveKeepsDirtyPages(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "compressed"}[compress], func(t *testing.T) {
+			testFailedFullSave(t, guestmem.SaveOptions{Compress: compress})
+		})
+	}
+}
+
+func testFailedFullSave(t *testing.T, opts guestmem.SaveOptions) {
 	ctx := context.Background()
 	// Find how long a full Save of the scribbled memory is, to fail inside it.
 	probe := newMemory(t, snapLayout)
 	scribble(t, probe, 0x66)
-	full, _ := save(t, probe, false)
+	var probeBuf bytes.Buffer
+	_, err := probe.Save(ctx, &probeBuf, opts)
+	require.NoError(t, err)
+	full := probeBuf.Bytes()
 
 	for _, failAt := range []int{0, 4096, 3 * 4096, len(full) / 2, len(full) - 4096, len(full) - 1} {
 		for _, how := range []string{"writer", "context"} {
 			m := newMemory(t, snapLayout)
 			require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
 			var base bytes.Buffer
-			_, err := m.Save(ctx, &base, guestmem.SaveOptions{})
+			_, err := m.Save(ctx, &base, opts)
 			require.NoError(t, err)
 			written := scribble(t, m, 0x66) // the same pages as probe's
 
 			switch how {
 			case "writer":
-				_, err = m.Save(ctx, &failingWriter{limit: failAt}, guestmem.SaveOptions{})
+				_, err = m.Save(ctx, &failingWriter{limit: failAt}, opts)
 				require.ErrorIs(t, err, errWriter, "fail at %d", failAt)
 			case "context":
 				cctx, cancel := context.WithCancel(ctx)
-				_, err = m.Save(cctx, &cancelWriter{limit: failAt, cancel: cancel}, guestmem.SaveOptions{})
+				_, err = m.Save(cctx, &cancelWriter{limit: failAt, cancel: cancel}, opts)
 				cancel()
 				if failAt >= len(full)-4096 {
 					// Cancelled at the end block: Save may already be done.
