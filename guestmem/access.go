@@ -172,6 +172,9 @@ func (m *Memory) transfer(op string, p []byte, off int64, write bool) (int, erro
 	if err != nil {
 		return 0, err
 	}
+	if err := m.ensure(op, GuestAddress(off), uint64(len(p)), write); err != nil {
+		return 0, err
+	}
 	done := 0
 	for _, pc := range pieces {
 		var n int
@@ -230,6 +233,9 @@ func (m *Memory) one(op string, a GuestAddress, n uint64, write bool, fn func(ar
 	}
 	if len(pieces) != 1 {
 		return &AddressError{Op: op, GPA: a, Len: n, Err: ErrSpansRegions}
+	}
+	if err := m.ensure(op, a, n, write); err != nil {
+		return err
 	}
 	err = fn(pieces[0].a, pieces[0].off)
 	if write && err == nil {
@@ -375,6 +381,12 @@ func (m *Memory) CopyTo(w io.Writer, a GuestAddress, n uint64) (int64, error) {
 		return 0, err
 	}
 	defer t.release()
+	if _, err := t.resolve("CopyTo", a, n); err != nil {
+		return 0, err
+	}
+	if err := m.ensure("CopyTo", a, n, false); err != nil {
+		return 0, err
+	}
 	m.inCallback.Enter("CopyTo") // w runs holding t
 	defer m.inCallback.Leave()
 	return t.copyTo("CopyTo", w, a, n)
@@ -407,6 +419,9 @@ func (m *Memory) CopyFrom(a GuestAddress, r io.Reader, n uint64) (int64, error) 
 	defer t.release()
 	pieces, err := t.resolve("CopyFrom", a, n)
 	if err != nil {
+		return 0, err
+	}
+	if err := m.ensure("CopyFrom", a, n, true); err != nil {
 		return 0, err
 	}
 	m.inCallback.Enter("CopyFrom") // r runs holding t

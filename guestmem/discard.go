@@ -57,6 +57,17 @@ func (m *Memory) Discard(a GuestAddress, n uint64) error {
 				Err: fmt.Errorf("%w: locked pages cannot be discarded; call Unlock first", arena.ErrLocked)}
 		}
 	}
+	work := func() error { return m.discardPieces(t, pieces) }
+	if od := m.restoring(); od != nil {
+		// Not yet filled parts must stay zero when they are.
+		return od.discard(a, n, work)
+	}
+	return work()
+}
+
+// discardPieces drops the pieces' pages.
+func (m *Memory) discardPieces(t *table, pieces []piece) error {
+	const op = "Discard"
 	for _, pc := range pieces {
 		var err error
 		switch {

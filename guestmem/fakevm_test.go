@@ -158,7 +158,7 @@ func (v *fakeVM) guestWrite(t *testing.T, m *guestmem.Memory, gpa guestmem.Guest
 	t.Fatalf("guest write at %v: no slot", gpa)
 }
 
-func hostAddr(t *testing.T, m *guestmem.Memory, a guestmem.GuestAddress) uintptr {
+func hostAddr(t testing.TB, m *guestmem.Memory, a guestmem.GuestAddress) uintptr {
 	t.Helper()
 	h, err := m.HostAddress(a)
 	require.NoError(t, err)

@@ -86,6 +86,9 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 	if t.closed {
 		return Region{}, closedErr("AddRegion")
 	}
+	if m.restoring() != nil {
+		return Region{}, fmt.Errorf("guestmem: AddRegion: %w: wait for it (OnDemand.Wait)", ErrRestoring)
+	}
 	if m.backing == File {
 		return Region{}, fmt.Errorf("guestmem: AddRegion: %w: a File backing cannot hot-add", ErrBacking)
 	}
@@ -160,6 +163,9 @@ func (m *Memory) RemoveRegion(gpa GuestAddress) error {
 	t := m.tab.Load()
 	if t.closed {
 		return closedErr("RemoveRegion")
+	}
+	if m.restoring() != nil {
+		return fmt.Errorf("guestmem: RemoveRegion: %w: wait for it (OnDemand.Wait)", ErrRestoring)
 	}
 	i, ok := t.find(gpa)
 	if !ok || t.regions[i].GPA != gpa {

@@ -240,6 +240,7 @@ type Memory struct {
 	trackSeen bool
 	overlay   bool // parts of anonymous memory are private file mappings (lazy restore)
 	snap      snapState
+	od        atomic.Pointer[OnDemand] // the on-demand restore filling the memory, if any
 
 	// Callbacks run while holding: every user callback (a CopyTo writer, a
 	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region
@@ -527,6 +528,11 @@ func (m *Memory) Close() error {
 	}
 	if err := takeAway("Close", m.tab.Load().regions); err != nil {
 		return err
+	}
+	if od := m.od.Load(); od != nil {
+		// First: a vCPU waiting on a userfault inside KVM would hold up the
+		// deletion of its slot.
+		od.close()
 	}
 	var errs []error
 	if m.reg != nil {

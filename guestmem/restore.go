@@ -353,7 +353,7 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 				if err = sr.skip(data); err == nil {
 					err = sr.sums(entries, nil)
 				}
-				all = append(all, entries...)
+				all = coalesce(all, entries)
 			}
 			if err == nil && sr.off > st.Size() {
 				err = sr.fail(st.Size(), fmt.Errorf("%w: file has %d bytes", ErrSnapshotTruncated, st.Size()))
@@ -409,6 +409,25 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	}
 	m.snap = snapState{id: prev.ID, layout: prev.Layout}
 	return m, nil
+}
+
+// coalesce appends entries to all, merging a data record into the one
+// before it where both their guest addresses and their payloads are
+// contiguous (the records of a batch, which Save cuts at every 256 KiB of
+// guest address): RestoreLazy then maps the run with one mapping.
+func coalesce(all, entries []entry) []entry {
+	for _, e := range entries {
+		if k := len(all); k > 0 && e.kind == kindData {
+			last := &all[k-1]
+			if last.kind == kindData && last.part == e.part && last.gpa+GuestAddress(last.n) == e.gpa &&
+				last.at+int64(last.n) == e.at {
+				last.n += e.n
+				continue
+			}
+		}
+		all = append(all, e)
+	}
+	return all
 }
 
 // inflateAt reads the compressed record e of file f (stream number stream)

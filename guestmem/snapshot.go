@@ -59,6 +59,20 @@ type SaveStats struct {
 // tracking changes) returns ErrReentered.
 func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStats, error) {
 	start := time.Now()
+	if od := m.restoring(); od != nil {
+		// Pages still missing would be skipped as holes, and the snapshot
+		// silently incomplete: fill them first, and wait for the
+		// userfaultfd to go, so the scan below touches no userfault.
+		if err := m.inSave.Check("Save"); err != nil {
+			return SaveStats{}, fmt.Errorf("guestmem: %w", err)
+		}
+		if err := od.Fill(ctx); err != nil {
+			return SaveStats{}, withOp("Save", err)
+		}
+		if err := od.Wait(ctx); err != nil {
+			return SaveStats{}, withOp("Save", err)
+		}
+	}
 	if err := m.lock("Save", false); err != nil {
 		return SaveStats{}, err
 	}
@@ -153,15 +167,17 @@ type snapWriter struct {
 	data    uint64 // payload bytes pending
 	batches uint64
 	sums    *checksummer
-	// compress writes data records as compressed ones, each of at most
-	// zstdRun bytes, so a batch's payloads (held in memory until its index
-	// block is written) stay bounded.
+	// compress writes data records as compressed ones.
 	compress bool
 }
 
-// zstdRun bounds a compressed record: a batch then holds at most 127 × 512
-// KiB of data.
-const zstdRun = 512 << 10
+// recordUnit bounds data records: Save never lets one cross a multiple of
+// it in guest-physical address space, so a record is at most 256 KiB and
+// lies in one aligned 256 KiB block. RestoreOnDemand then fetches and
+// checks at most that much to serve a fault (a record's checksum covers the
+// whole record), and a compressed batch's payloads, held in memory until
+// its index block is written, stay bounded (127 × 256 KiB).
+const recordUnit = 256 << 10
 
 func (sw *snapWriter) write(b []byte) error {
 	n, err := sw.w.Write(b)
@@ -181,7 +197,7 @@ func (sw *snapWriter) add(e entry) error {
 	if k := len(sw.pending); k > 0 {
 		last := &sw.pending[k-1]
 		if last.kind == e.kind && last.gpa+GuestAddress(last.n) == e.gpa && sw.t.sameRegion(last.gpa, e.gpa) &&
-			!(sw.compress && e.kind == kindData && last.n+e.n > zstdRun) {
+			!(e.kind == kindData && uint64(e.gpa)%recordUnit == 0) {
 			last.n += e.n
 			return nil
 		}
@@ -409,7 +425,7 @@ func (s *scanner) page(kind uint32, n uint64) {
 		s.pos += GuestAddress(n)
 		return
 	}
-	if s.run.n > 0 && (s.run.kind != kind || s.sw.compress && kind == kindData && s.run.n >= zstdRun) {
+	if s.run.n > 0 && (s.run.kind != kind || kind == kindData && uint64(s.pos)%recordUnit == 0) {
 		s.close()
 	}
 	if s.run.n == 0 {
