@@ -155,7 +155,7 @@ type cluster struct {
 	state   atomic.Uint32
 	holes   atomic.Bool // some pages are left without data (zero), or were discarded: they fault as zeros
 	faulted atomic.Bool
-	inWS    bool // in the working set being prefetched
+	inWS    bool   // in the working set being prefetched
 	removed []Span // discarded before it was filled (under mu): left zero
 }
 
