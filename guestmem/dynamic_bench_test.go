@@ -354,3 +354,148 @@ func BenchmarkRegister64GiB(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// BenchmarkRestoreOnDemand4GiBQuarter restores the quarter-populated 4 GiB
+// guest through userfaultfd (RestoreOnDemand) from a snapshot file, plain
+// and compressed, against eager Restore and file-mapped RestoreLazy of the
+// same file in the same run:
+//
+//   - ready: until RestoreOnDemand returns (a vCPU could run);
+//   - first-access: ready, then one page read the way KVM reads (a
+//     userfault served from the file);
+//   - resident: until every saved page is in (the background fill), in
+//     bytes of data per second, against eager's;
+//   - faults: every 1 MiB data chunk touched once by the kernel with no
+//     background fill, reporting the handlers' median and p99 service time;
+//   - lazy-file-resident: RestoreLazy, then every data chunk read.
+func BenchmarkRestoreOnDemand4GiBQuarter(b *testing.B) {
+	m, n := quarterFull(b, guestmem.Memfd)
+	dir := b.TempDir()
+	paths := map[string]string{}
+	for _, kind := range []string{"plain", "zstd"} {
+		paths[kind] = filepath.Join(dir, kind)
+		f, err := os.Create(paths[kind])
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m.Save(context.Background(), f, guestmem.SaveOptions{Compress: kind == "zstd"}); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
+	var chunks []guestmem.GuestAddress // the first page of each data chunk
+	for _, r := range m.Regions() {
+		for off := uint64(0); off < r.Size; off += 4 * mib {
+			chunks = append(chunks, r.GPA+guestmem.GuestAddress(off))
+		}
+	}
+	m.Close()
+	open := func(b *testing.B, kind string) *os.File {
+		f, err := os.Open(paths[kind])
+		if err != nil {
+			b.Fatal(err)
+		}
+		return f
+	}
+	ctx := context.Background()
+	restore := func(b *testing.B, f *os.File, o guestmem.OnDemandOptions) (*guestmem.Memory, *guestmem.OnDemand) {
+		r, od, err := guestmem.RestoreOnDemand(ctx, []io.ReaderAt{f}, o, guestmem.WithMemfd())
+		if err != nil {
+			b.Fatal(err)
+		}
+		return r, od
+	}
+	b.Run("eager", func(b *testing.B) {
+		b.SetBytes(int64(n))
+		for b.Loop() {
+			f := open(b, "plain")
+			r, err := guestmem.Restore(ctx, []io.Reader{f}, guestmem.WithMemfd())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			r.Close()
+			f.Close()
+			b.StartTimer()
+		}
+	})
+	for _, kind := range []string{"plain", "zstd"} {
+		b.Run("ready/"+kind, func(b *testing.B) {
+			for b.Loop() {
+				f := open(b, kind)
+				r, _ := restore(b, f, guestmem.OnDemandOptions{Fillers: -1})
+				b.StopTimer()
+				r.Close()
+				f.Close()
+				b.StartTimer()
+			}
+		})
+		b.Run("first-access/"+kind, func(b *testing.B) {
+			for b.Loop() {
+				f := open(b, kind)
+				r, _ := restore(b, f, guestmem.OnDemandOptions{Fillers: -1})
+				if _, err := kernelRead(b, r, chunks[1], 8); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				r.Close()
+				f.Close()
+				b.StartTimer()
+			}
+		})
+		b.Run("resident/"+kind, func(b *testing.B) {
+			b.SetBytes(int64(n))
+			for b.Loop() {
+				f := open(b, kind)
+				r, od := restore(b, f, guestmem.OnDemandOptions{})
+				if err := od.Wait(ctx); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				r.Close()
+				f.Close()
+				b.StartTimer()
+			}
+		})
+		b.Run("faults/"+kind, func(b *testing.B) {
+			var p50, p99 time.Duration
+			for b.Loop() {
+				f := open(b, kind)
+				r, od := restore(b, f, guestmem.OnDemandOptions{Fillers: -1})
+				for _, a := range chunks {
+					if _, err := kernelRead(b, r, a, 8); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StopTimer()
+				p := od.Progress()
+				p50, p99 = p.FaultP50, p.FaultP99
+				r.Close()
+				f.Close()
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(p50.Nanoseconds())/1e3, "p50-µs")
+			b.ReportMetric(float64(p99.Nanoseconds())/1e3, "p99-µs")
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(chunks))/1e3, "µs/fault")
+		})
+	}
+	b.Run("lazy-file-resident", func(b *testing.B) {
+		b.SetBytes(int64(n))
+		for b.Loop() {
+			f := open(b, "plain")
+			r, err := guestmem.RestoreLazy(ctx, []*os.File{f})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, a := range chunks {
+				if _, err := kernelRead(b, r, a, mib); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			r.Close()
+			f.Close()
+			b.StartTimer()
+		}
+	})
+}

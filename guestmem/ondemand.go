@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/internal/uffd"
 )
@@ -114,7 +116,7 @@ type OnDemand struct {
 	latency  []time.Duration
 	bufs     sync.Pool
 	released atomic.Bool // the userfaultfd is gone
-	failed   atomic.Bool // the restore failed: lost pages are poisoned
+	failed   atomic.Bool // the restore failed: lost pages are fenced off
 	workers  sync.WaitGroup
 	onFail   func(error)
 
@@ -390,7 +392,12 @@ func (od *OnDemand) clusterAt(addr uintptr) *cluster {
 // start opens and registers the userfaultfd and starts the handlers and
 // fillers.
 func (od *OnDemand) start(o OnDemandOptions) error {
-	cfg := uffd.Config{Fallback: uffd.Poison}
+	// ZeroFill, not Poison: the faults the fallback resolves are those of
+	// pages without data (a handler's zero fill that failed) and those
+	// still waiting when the memory is closed, whose data clusters are
+	// fenced off first. Poison would raise SIGBUS in a vCPU thread, which a
+	// Go program cannot survive while the thread is in KVM_RUN.
+	cfg := uffd.Config{Fallback: uffd.ZeroFill}
 	switch od.m.backing {
 	case Memfd:
 		cfg.Required = uffd.FeatureMissingShmem
@@ -541,10 +548,10 @@ func (od *OnDemand) handle(ev uffd.Event) error {
 		od.zeroFaults.Add(1)
 		return od.zeroPage(ev)
 	case clusterFailed:
-		return od.poisonPage(ev)
+		return od.wakePage(ev) // fenced off: the access fails when retried
 	}
 	if !c.mu.TryLock() {
-		// Someone is filling it: their copy (or poison, or unlock) wakes
+		// Someone is filling it: their copy (or fence, or unlock) wakes
 		// this fault. Not waiting here keeps every handler free to read the
 		// events that filler may need read.
 		return nil
@@ -557,7 +564,7 @@ func (od *OnDemand) handle(ev uffd.Event) error {
 	state := c.state.Load()
 	od.unlock(c)
 	if state == clusterFailed {
-		return od.poisonPage(ev)
+		return od.wakePage(ev)
 	}
 	if fetched {
 		od.fetches.Add(1)
@@ -574,13 +581,7 @@ func (od *OnDemand) zeroPage(ev uffd.Event) error {
 	return err
 }
 
-func (od *OnDemand) poisonPage(ev uffd.Event) error {
-	_, err := od.u.Poison(ev.Page, ev.PageSize, uffd.WakeWaiters)
-	if errors.Is(err, uffd.ErrPresent) {
-		return nil
-	}
-	return err
-}
+func (od *OnDemand) wakePage(ev uffd.Event) error { return od.u.Wake(ev.Page, ev.PageSize) }
 
 // noteFault records c's first fault in the working set.
 func (od *OnDemand) noteFault(c *cluster) {
@@ -605,7 +606,7 @@ func (od *OnDemand) noteLatency(d time.Duration) {
 
 // fill fetches c's records, checks them, and installs its pages: the caller
 // holds c.mu and has seen c missing. It returns the data bytes installed. On
-// failure the restore fails and c's pages are poisoned.
+// failure the restore fails and c is fenced off (see lost).
 func (od *OnDemand) fill(c *cluster) (uint64, error) {
 	if err := od.fillCtx.Err(); err != nil {
 		return 0, od.lost(c, fmt.Errorf("%w: %w", ErrRestoreFailed, od.cause(err)))
@@ -682,28 +683,32 @@ func (od *OnDemand) install(addr uintptr, p []byte) error {
 	return nil
 }
 
-// lost marks c failed and poisons its pages (the ones without data too: a
-// conservative choice, as the failed fetch says nothing about them),
-// returning err.
+// lost marks c failed and fences it off, returning err: its pages (the ones
+// without data too, a conservative choice) become PROT_NONE, and the faults
+// waiting on them are woken to retry and fail. A lost page is never served,
+// as zeros or otherwise: the kernel's accesses (a vCPU's, through KVM, and
+// system calls) fail with EFAULT — KVM_RUN reports a memory fault — and
+// guestmem's accessors return ErrRestoreFailed without touching it. (Not
+// UFFDIO_POISON: KVM turns a poisoned page into SIGBUS for the vCPU thread,
+// which kills a Go process.)
 func (od *OnDemand) lost(c *cluster, err error) error {
 	if c.state.Load() == clusterMissing {
 		c.state.Store(clusterFailed)
-		od.poisonRange(c.host, uintptr(c.n))
+		od.fence(c)
 	}
 	return err
 }
 
-// poisonRange poisons the missing pages of [addr, addr+n), page by page
-// past the present ones.
-func (od *OnDemand) poisonRange(addr, n uintptr) {
-	for n > 0 {
-		done, err := od.u.Poison(addr, n, uffd.WakeWaiters)
-		if err == nil || !errors.Is(err, uffd.ErrPresent) {
-			return
-		}
-		k := min(uintptr(done)+uintptr(od.pageSize), n)
-		addr, n = addr+k, n-k
+// fence makes c inaccessible and wakes its waiters.
+func (od *OnDemand) fence(c *cluster) {
+	if _, _, e := unix.Syscall(unix.SYS_MPROTECT, c.host, uintptr(c.n), unix.PROT_NONE); e != 0 {
+		// Cannot happen for a range of our own mapping short of running out
+		// of memory areas (vm.max_map_count): then fence the whole region,
+		// which splits nothing.
+		r := od.regions[c.region]
+		_, _, _ = unix.Syscall(unix.SYS_MPROTECT, r.HostAddr, uintptr(r.Size), unix.PROT_NONE)
 	}
+	_ = od.u.Wake(c.host, uintptr(c.n)) // nothing waits once the userfaultfd is gone
 }
 
 func (od *OnDemand) cause(err error) error {
@@ -777,8 +782,9 @@ func (od *OnDemand) read(r *odRecord, p []byte) error {
 }
 
 // fail fails the restore with err (the first failure wins): reads stop,
-// every cluster not yet filled is poisoned, and the userfaultfd is then
-// released, so the memory behaves as any other, its lost pages poisoned.
+// every cluster not yet filled is fenced off (see lost), and the
+// userfaultfd is then released: the memory behaves as any other, its lost
+// pages inaccessible.
 func (od *OnDemand) fail(err error) {
 	od.mu.Lock()
 	if od.phase != phaseRunning {
@@ -792,12 +798,12 @@ func (od *OnDemand) fail(err error) {
 	if od.onFail != nil {
 		go od.onFail(err)
 	}
-	go od.poisonRest()
+	go od.fenceRest(phaseFailed)
 }
 
-// poisonRest poisons every cluster not filled, then releases the
-// userfaultfd.
-func (od *OnDemand) poisonRest() {
+// fenceRest fences off every cluster not filled, then, if the restore is
+// still in phase from, releases the userfaultfd.
+func (od *OnDemand) fenceRest(from int) {
 	for i := range od.clusters {
 		c := &od.clusters[i]
 		if c.state.Load() != clusterMissing {
@@ -806,11 +812,13 @@ func (od *OnDemand) poisonRest() {
 		c.mu.Lock()
 		if c.state.Load() == clusterMissing {
 			c.state.Store(clusterFailed)
-			od.poisonRange(c.host, uintptr(c.n))
+			od.fence(c)
 		}
 		c.mu.Unlock()
 	}
-	od.release(phaseFailed)
+	if from >= 0 {
+		od.release(from)
+	}
 }
 
 // finish releases the userfaultfd once every cluster is filled.
@@ -854,16 +862,22 @@ func (od *OnDemand) releaseLocked() {
 	}
 }
 
-// close stops the restore for Memory.Close: reads are cancelled, the
-// userfaultfd closed (faults still waiting get poison), and the handlers
-// and fillers waited for.
+// close stops the restore for Memory.Close: reads are cancelled, clusters
+// not filled are fenced off (so no fault still waiting is resolved with
+// zeros), the userfaultfd is closed, and the handlers and fillers are
+// waited for.
 func (od *OnDemand) close() {
 	od.mu.Lock()
 	if od.phase == phaseRunning {
 		od.phase, od.err = phaseClosed, fmt.Errorf("guestmem: RestoreOnDemand: %w: the memory was closed: %w",
 			ErrRestoreFailed, ErrClosed)
 	}
+	od.mu.Unlock()
 	od.fillCancel()
+	if !od.released.Load() {
+		od.fenceRest(-1)
+	}
+	od.mu.Lock()
 	if !od.released.Load() {
 		// The memory is about to be unmapped: nothing is lost by closing
 		// with ranges registered.
