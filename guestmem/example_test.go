@@ -130,3 +130,38 @@ func ExampleMemory_AddRegion() {
 	// 2 regions; after discard: 0
 	// true
 }
+
+// RestoreOnDemand returns guest memory before reading its data: pages
+// arrive when touched (by a vCPU, or here by the host) and in the
+// background, and Wait says when all are in.
+func ExampleRestoreOnDemand() {
+	ctx := context.Background()
+	m, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 16 << 20}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := m.WriteUint64(0x1000, 42); err != nil {
+		log.Fatal(err)
+	}
+	var snap bytes.Buffer
+	if _, err := m.Save(ctx, &snap, guestmem.SaveOptions{}); err != nil {
+		log.Fatal(err)
+	}
+	m.Close()
+
+	r, od, err := guestmem.RestoreOnDemand(ctx, []io.ReaderAt{bytes.NewReader(snap.Bytes())},
+		guestmem.OnDemandOptions{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer r.Close()
+	v, err := r.ReadUint64(0x1000) // fetched now if the fillers have not got there
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := od.Wait(ctx); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(v, od.Progress().Done)
+	// Output: 42 true
+}
