@@ -21,7 +21,7 @@ func TestRunDemo(t *testing.T) {
 	}
 	for _, want := range []string{"64MiB guest, memfd backing", "guest writes every page", "16384 pages",
 		"all correct; guest and host checksums agree", "then 110 (100 by the guest, 10 by the host)",
-		"8 MiB returned", "snapshot restore (lazy)", "guest memory released"} {
+		"8 MiB returned", "snapshot restore (lazy)", "snapshot restore (userfaultfd)", "guest memory released"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}

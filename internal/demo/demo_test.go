@@ -27,7 +27,8 @@ func TestRunEveryStep(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, []string{"map guest RAM", "lock on fault", "prefault", "register with KVM",
 				"guest writes every page", "guest verifies every page", "dirty pages", "balloon discard",
-				"snapshot save", "snapshot restore (eager)", "snapshot restore (lazy)"}, seen)
+				"snapshot save", "snapshot restore (eager)", "snapshot restore (lazy)",
+				"snapshot restore (userfaultfd)"}, seen)
 			require.Len(t, rep.Steps, len(seen))
 			// The dirty step saw every page, then exactly 110.
 			require.Contains(t, rep.Steps[6].Detail, "8192 after the guest wrote everything; then 110")
@@ -79,6 +80,8 @@ func TestRunAtEverySizeClass(t *testing.T) {
 			require.Contains(t, steps["balloon discard"], "the guest reads zeros there")
 			require.Equal(t, "checksums match", steps["snapshot restore (eager)"])
 			require.Equal(t, "checksums match", steps["snapshot restore (lazy)"])
+			require.Contains(t, steps["snapshot restore (userfaultfd)"], "the guest's checksum of")
+			require.Contains(t, steps["snapshot restore (userfaultfd)"], "resident after")
 			require.Equal(t, fds, testenv.OpenFDs(t), "no fd left behind")
 			require.Equal(t, maps, testenv.GuestMappings(t), "no guest mapping left behind")
 		})
