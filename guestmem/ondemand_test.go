@@ -654,3 +654,28 @@ func TestSaveCutsRecordsAtFillUnits(t *testing.T) {
 		require.Equal(t, uint64(16), info.Records, "4 MiB of data in 256 KiB records (compress=%v)", compress)
 	}
 }
+
+// Dirty tracking on a lazily restored guest sees the writes made after the
+// restore, not the fills.
+func TestRestoreOnDemandDirtyTracking(t *testing.T) {
+	ctx := context.Background()
+	stream, want := odSnapshot(t, false)
+	m, od, err := guestmem.RestoreOnDemand(ctx, []io.ReaderAt{bytes.NewReader(stream)},
+		guestmem.OnDemandOptions{Fillers: -1})
+	require.NoError(t, err)
+	defer m.Close()
+	require.NoError(t, m.StartDirtyTracking(guestmem.HostWritesOnly()))
+	_, err = kernelRead(t, m, 0, 64<<10) // fills, not writes
+	require.NoError(t, err)
+	require.NoError(t, m.WriteUint64(3*mib, 7))
+	d, err := m.CollectDirty()
+	require.NoError(t, err)
+	require.Equal(t, []guestmem.Span{{GPA: 3 * mib, Size: 4096}}, spans(d))
+	require.NoError(t, od.Fill(ctx))
+	require.NoError(t, od.Wait(ctx))
+	d, err = m.CollectDirty()
+	require.NoError(t, err)
+	require.Empty(t, spans(d), "filling the rest dirtied nothing")
+	copy(want[3*mib:], []byte{7, 0, 0, 0, 0, 0, 0, 0})
+	require.True(t, bytes.Equal(want, image(t, m)))
+}
