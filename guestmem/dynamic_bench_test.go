@@ -364,7 +364,7 @@ func BenchmarkRegister64GiB(b *testing.B) {
 //   - first-access: ready, then one page read the way KVM reads (a
 //     userfault served from the file);
 //   - resident: until every saved page is in (the background fill), in
-//     bytes of data per second, against eager's;
+//     bytes of data per second, against eager's on the same backing;
 //   - faults: every 1 MiB data chunk touched once by the kernel with no
 //     background fill, reporting the handlers' median and p99 service time;
 //   - lazy-file-resident: RestoreLazy, then every data chunk read.
@@ -398,27 +398,47 @@ func BenchmarkRestoreOnDemand4GiBQuarter(b *testing.B) {
 		return f
 	}
 	ctx := context.Background()
-	restore := func(b *testing.B, f *os.File, o guestmem.OnDemandOptions) (*guestmem.Memory, *guestmem.OnDemand) {
-		r, od, err := guestmem.RestoreOnDemand(ctx, []io.ReaderAt{f}, o, guestmem.WithMemfd())
+	backings := map[string]guestmem.Option{"anon": guestmem.WithAnonymous(), "memfd": guestmem.WithMemfd()}
+	restoreOn := func(b *testing.B, f *os.File, o guestmem.OnDemandOptions, backing string) (*guestmem.Memory, *guestmem.OnDemand) {
+		r, od, err := guestmem.RestoreOnDemand(ctx, []io.ReaderAt{f}, o, backings[backing])
 		if err != nil {
 			b.Fatal(err)
 		}
 		return r, od
 	}
-	b.Run("eager", func(b *testing.B) {
-		b.SetBytes(int64(n))
-		for b.Loop() {
-			f := open(b, "plain")
-			r, err := guestmem.Restore(ctx, []io.Reader{f}, guestmem.WithMemfd())
-			if err != nil {
-				b.Fatal(err)
+	restore := func(b *testing.B, f *os.File, o guestmem.OnDemandOptions) (*guestmem.Memory, *guestmem.OnDemand) {
+		return restoreOn(b, f, o, "memfd")
+	}
+	for _, backing := range []string{"anon", "memfd"} {
+		b.Run("eager/"+backing, func(b *testing.B) {
+			b.SetBytes(int64(n))
+			for b.Loop() {
+				f := open(b, "plain")
+				r, err := guestmem.Restore(ctx, []io.Reader{f}, backings[backing])
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				r.Close()
+				f.Close()
+				b.StartTimer()
 			}
-			b.StopTimer()
-			r.Close()
-			f.Close()
-			b.StartTimer()
-		}
-	})
+		})
+		b.Run("resident/plain/"+backing, func(b *testing.B) {
+			b.SetBytes(int64(n))
+			for b.Loop() {
+				f := open(b, "plain")
+				r, od := restoreOn(b, f, guestmem.OnDemandOptions{}, backing)
+				if err := od.Wait(ctx); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				r.Close()
+				f.Close()
+				b.StartTimer()
+			}
+		})
+	}
 	for _, kind := range []string{"plain", "zstd"} {
 		b.Run("ready/"+kind, func(b *testing.B) {
 			for b.Loop() {
@@ -444,6 +464,9 @@ func BenchmarkRestoreOnDemand4GiBQuarter(b *testing.B) {
 			}
 		})
 		b.Run("resident/"+kind, func(b *testing.B) {
+			if kind == "plain" {
+				b.Skip("measured per backing above")
+			}
 			b.SetBytes(int64(n))
 			for b.Loop() {
 				f := open(b, kind)
