@@ -367,6 +367,8 @@ func BenchmarkRegister64GiB(b *testing.B) {
 //     bytes of data per second, against eager's on the same backing;
 //   - faults: every 1 MiB data chunk touched once by the kernel with no
 //     background fill, reporting the handlers' median and p99 service time;
+//   - first-instruction (KVM): RestoreOnDemand, Register, and the guest's
+//     first read of restored memory;
 //   - lazy-file-resident: RestoreLazy, then every data chunk read.
 func BenchmarkRestoreOnDemand4GiBQuarter(b *testing.B) {
 	m, n := quarterFull(b, guestmem.Memfd)
@@ -502,6 +504,38 @@ func BenchmarkRestoreOnDemand4GiBQuarter(b *testing.B) {
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(chunks))/1e3, "µs/fault")
 		})
 	}
+	b.Run("first-instruction", func(b *testing.B) {
+		// RestoreOnDemand, Register, and KVM_RUN until the guest has read
+		// restored memory (a KVM-driven userfault) and written a port.
+		vm := testenv.VM(b)
+		mach, err := guest.New(vm, guest.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer mach.Close()
+		a := &guest.Asm{}
+		a.Load(guest.RAX, guest.RSI)
+		a.Out(guest.PortDone)
+		a.Hlt()
+		entry, err := mach.LoadAsm(a)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			f := open(b, "plain")
+			r, _ := restore(b, f, guestmem.OnDemandOptions{})
+			if err := r.Register(vm); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := mach.Call(entry, kvm.Regs{RSI: uint64(chunks[1])}, guest.Handlers{}); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			r.Close()
+			f.Close()
+			b.StartTimer()
+		}
+	})
 	b.Run("lazy-file-resident", func(b *testing.B) {
 		b.SetBytes(int64(n))
 		for b.Loop() {
