@@ -89,6 +89,9 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 	if m.restoring() != nil {
 		return Region{}, fmt.Errorf("guestmem: AddRegion: %w: wait for it (OnDemand.Wait)", ErrRestoring)
 	}
+	if m.migrating.Load() {
+		return Region{}, fmt.Errorf("guestmem: AddRegion: %w", ErrMigrating)
+	}
 	if m.backing == File {
 		return Region{}, fmt.Errorf("guestmem: AddRegion: %w: a File backing cannot hot-add", ErrBacking)
 	}
@@ -166,6 +169,9 @@ func (m *Memory) RemoveRegion(gpa GuestAddress) error {
 	}
 	if m.restoring() != nil {
 		return fmt.Errorf("guestmem: RemoveRegion: %w: wait for it (OnDemand.Wait)", ErrRestoring)
+	}
+	if m.migrating.Load() {
+		return fmt.Errorf("guestmem: RemoveRegion: %w", ErrMigrating)
 	}
 	i, ok := t.find(gpa)
 	if !ok || t.regions[i].GPA != gpa {

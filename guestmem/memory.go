@@ -241,6 +241,7 @@ type Memory struct {
 	overlay   bool // parts of anonymous memory are private file mappings (lazy restore)
 	snap      snapState
 	od        atomic.Pointer[OnDemand] // the on-demand restore filling the memory, if any
+	migrating atomic.Bool              // a Migrate is sending the memory
 
 	// Callbacks run while holding: every user callback (a CopyTo writer, a
 	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region

@@ -19,6 +19,9 @@ type Span struct {
 	Size uint64
 }
 
+// End returns the first address past the span.
+func (s Span) End() GuestAddress { return s.GPA + GuestAddress(s.Size) }
+
 // spans resolves the spans (none: the whole guest) to arena pieces,
 // checking alignment to the backing's page size. The caller holds t.
 func (m *Memory) spans(t *table, op string, spans []Span) ([]piece, error) {

@@ -169,6 +169,11 @@ type snapWriter struct {
 	sums    *checksummer
 	// compress writes data records as compressed ones.
 	compress bool
+	// live copies each data record into buf before checksumming and
+	// writing it: the guest may be writing the memory meanwhile (a
+	// migration round), and the checksum must be of the bytes sent.
+	live bool
+	buf  []byte
 }
 
 // recordUnit bounds data records: Save never lets one cross a multiple of
@@ -254,6 +259,21 @@ func (sw *snapWriter) batch(pending []entry) error {
 			sw.stats.ZeroBytes += e.n
 			continue
 		}
+		if sw.live {
+			if uint64(cap(sw.buf)) < e.n {
+				sw.buf = make([]byte, e.n)
+			}
+			b := sw.buf[:0]
+			if _, err := sw.t.copyTo("Migrate", (*appender)(&b), e.gpa, e.n); err != nil {
+				return err
+			}
+			crcs[i] = crc32.Checksum(b, castagnoli)
+			if err := sw.write(b); err != nil {
+				return err
+			}
+			sw.stats.DataBytes += e.n
+			continue
+		}
 		cw := &crcWriter{w: sw}
 		if _, err := sw.t.copyTo("Save", cw, e.gpa, e.n); err != nil {
 			return err
@@ -304,6 +324,14 @@ func (sw *snapWriter) compressedBatch(pending []entry) error {
 	}
 	sw.batches++
 	return nil
+}
+
+// appender is an io.Writer appending to a byte slice.
+type appender []byte
+
+func (a *appender) Write(p []byte) (int, error) {
+	*a = append(*a, p...)
+	return len(p), nil
 }
 
 func (sw *snapWriter) end() error {
