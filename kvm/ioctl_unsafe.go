@@ -37,6 +37,7 @@ const (
 	nrSetSregs             = 0x84
 	nrEnableCap            = 0xa3
 	nrClearDirtyLog        = 0xc0
+	nrResetDirtyRings      = 0xc7
 )
 
 func errnoErr(e syscall.Errno) error {
@@ -191,6 +192,13 @@ func setCPUID2(fd uintptr, c *cpuid2) error {
 // vCPU's run page.
 func runIoctl(fd uintptr) error {
 	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, fd, gokvm.IIO(nrRun), 0)
+	return errnoErr(errno)
+}
+
+// resetDirtyRingsIoctl is KVM_RESET_DIRTY_RINGS on the VM fd; its argument
+// is 0. It returns how many entries the kernel reset, which is not needed.
+func resetDirtyRingsIoctl(vmfd uintptr) error {
+	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, vmfd, gokvm.IIO(nrResetDirtyRings), 0)
 	return errnoErr(errno)
 }
 
