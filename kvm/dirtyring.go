@@ -101,14 +101,22 @@ func (e *DirtyRingEntryError) Unwrap() error { return ErrDirtyRingEntry }
 // so mu is never held while waiting for a vCPU or for the VM's lock.
 type ringState struct {
 	mu      sync.Mutex
-	bytes   int                 // ring size; 0: the VM uses dirty bitmaps
-	fd      uintptr             // the VM fd, for KVM_RESET_DIRTY_RINGS
-	closed  bool                // the VM fd is closed, or about to be
-	rings   []*dirtyRing        // one per open vCPU
-	pending map[uint32][]uint64 // per slot: harvested pages, as GetDirtyLog's bitmap
-	marked  bool                // entries marked RESET since the last KVM_RESET_DIRTY_RINGS
+	bytes   int                      // ring size; 0: the VM uses dirty bitmaps
+	fd      uintptr                  // the VM fd, for KVM_RESET_DIRTY_RINGS
+	closed  bool                     // the VM fd is closed, or about to be
+	rings   []*dirtyRing             // one per open vCPU
+	pending map[uint32]*pendingPages // per slot: harvested pages not handed out yet
+	marked  bool                     // entries marked RESET since the last KVM_RESET_DIRTY_RINGS
 	bad     *DirtyRingEntryError
 	reset   func() error // KVM_RESET_DIRTY_RINGS (tests substitute a fake kernel)
+}
+
+// pendingPages is one slot's harvested pages, as GetDirtyLog's bitmap. It is
+// kept and cleared, not dropped, when handed out: a large slot's bitmap is
+// not reallocated every round.
+type pendingPages struct {
+	bits []uint64
+	any  bool // a bit is set
 }
 
 // EnableDirtyRing makes the VM log dirty pages into one ring per vCPU of
@@ -298,15 +306,16 @@ func (vm *VM) recordLocked(r *dirtyRing, slot uint32, off uint64) {
 		vm.ring.bad.Count++
 		return
 	}
-	bm := vm.ring.pending[id]
-	if bm == nil {
+	p := vm.ring.pending[id]
+	if words := DirtyBitmapWords(s.Pages()); p == nil || uint64(len(p.bits)) != words {
 		if vm.ring.pending == nil {
-			vm.ring.pending = map[uint32][]uint64{}
+			vm.ring.pending = map[uint32]*pendingPages{}
 		}
-		bm = make([]uint64, DirtyBitmapWords(s.Pages()))
-		vm.ring.pending[id] = bm
+		p = &pendingPages{bits: make([]uint64, words)}
+		vm.ring.pending[id] = p
 	}
-	bm[off/64] |= 1 << (off % 64)
+	p.bits[off/64] |= 1 << (off % 64)
+	p.any = true
 }
 
 // ringDirtyLog is GetDirtyLog for a VM in ring mode: harvest, then move
@@ -320,9 +329,10 @@ func (vm *VM) ringDirtyLog(s Slot, bitmap []uint64) error {
 	}
 	words := DirtyBitmapWords(s.Pages())
 	bitmap = bitmap[:words]
-	if bm := vm.ring.pending[s.ID]; bm != nil {
-		copy(bitmap, bm)
-		delete(vm.ring.pending, s.ID)
+	if p := vm.ring.pending[s.ID]; p != nil && p.any && len(p.bits) == len(bitmap) {
+		copy(bitmap, p.bits)
+		clear(p.bits)
+		p.any = false
 	} else {
 		clear(bitmap)
 	}

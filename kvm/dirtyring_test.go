@@ -268,7 +268,7 @@ func TestDirtyRingSlotChanges(t *testing.T) {
 			require.Equal(t, tc.drop, drop)
 			if drop {
 				// Harvested while the table still describes the slot.
-				require.Equal(t, []uint64{9}, pagesOf(vm.ring.pending[2]))
+				require.Equal(t, []uint64{9}, pagesOf(vm.ring.pending[2].bits))
 				vm.dropPending(2)
 			}
 			bm := make([]uint64, 1)
