@@ -102,7 +102,6 @@ func (e *DirtyRingEntryError) Unwrap() error { return ErrDirtyRingEntry }
 type ringState struct {
 	mu      sync.Mutex
 	bytes   int                      // ring size; 0: the VM uses dirty bitmaps
-	fd      uintptr                  // the VM fd, for KVM_RESET_DIRTY_RINGS
 	closed  bool                     // the VM fd is closed, or about to be
 	rings   []*dirtyRing             // one per open vCPU
 	pending map[uint32]*pendingPages // per slot: harvested pages not handed out yet
@@ -176,7 +175,7 @@ func (vm *VM) EnableDirtyRing(bytes int) error {
 	}
 	fd := vm.f.Fd()
 	vm.ring.mu.Lock()
-	vm.ring.bytes, vm.ring.fd = bytes, fd
+	vm.ring.bytes = bytes
 	vm.ring.reset = func() error { return resetDirtyRingsIoctl(fd) }
 	vm.ring.mu.Unlock()
 	return nil

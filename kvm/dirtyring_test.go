@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 
+	gokvm "github.com/bobuhiro11/gokvm/kvm"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 )
@@ -407,6 +408,17 @@ func TestHarvestDirtyRingsWhileProducing(t *testing.T) {
 	collect() // what the last pushes left
 	require.Equal(t, len(want), len(got))
 	require.Equal(t, want, got)
+}
+
+// The ring's ABI numbers, from include/uapi/linux/kvm.h.
+func TestDirtyRingABI(t *testing.T) {
+	require.Equal(t, uintptr(0xAEC7), gokvm.IIO(nrResetDirtyRings), "KVM_RESET_DIRTY_RINGS")
+	require.Equal(t, Cap(192), CapDirtyLogRing)
+	require.Equal(t, Cap(223), CapDirtyLogRingAcqRel)
+	require.Equal(t, Cap(225), CapDirtyLogRingBitmap)
+	require.Equal(t, ExitReason(31), ExitDirtyRingFull)
+	require.Equal(t, 16, gfnSize)
+	require.Equal(t, 64, dirtyRingPageOffset)
 }
 
 func TestDirtyRingStrings(t *testing.T) {

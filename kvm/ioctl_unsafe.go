@@ -7,8 +7,9 @@ import (
 	gokvm "github.com/bobuhiro11/gokvm/kvm"
 )
 
-// This file holds every use of package unsafe in package kvm: the ioctls
-// whose arguments are pointers to Go memory.
+// This file holds the ioctls whose arguments are pointers to Go memory, one
+// of the package's three uses of package unsafe (regs_ioctl_unsafe.go has
+// the register ioctls, dirtyring_unsafe.go the dirty ring's atomic flags).
 //
 // Each call converts its pointer to uintptr inside the argument list of
 // syscall.Syscall itself. That is the one form for which the compiler keeps
