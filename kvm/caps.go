@@ -20,6 +20,7 @@ const (
 	CapManualDirtyLogProtect Cap = 168 // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
 	CapDirtyLogRing          Cap = 192 // KVM_CAP_DIRTY_LOG_RING
 	CapDirtyLogRingAcqRel    Cap = 223 // KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+	CapDirtyLogRingBitmap    Cap = 225 // KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
 	CapUserMemory2           Cap = 231 // KVM_CAP_USER_MEMORY2
 	CapMemoryFaultInfo       Cap = 232 // KVM_CAP_MEMORY_FAULT_INFO
 	CapGuestMemfd            Cap = 234 // KVM_CAP_GUEST_MEMFD
@@ -31,7 +32,7 @@ var capNames = map[Cap]string{
 	CapMultiAddressSpace: "KVM_CAP_MULTI_ADDRESS_SPACE", CapManualDirtyLogProtect: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
 	CapDirtyLogRing: "KVM_CAP_DIRTY_LOG_RING", CapDirtyLogRingAcqRel: "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
 	CapUserMemory2: "KVM_CAP_USER_MEMORY2", CapMemoryFaultInfo: "KVM_CAP_MEMORY_FAULT_INFO",
-	CapGuestMemfd: "KVM_CAP_GUEST_MEMFD",
+	CapGuestMemfd: "KVM_CAP_GUEST_MEMFD", CapDirtyLogRingBitmap: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
 }
 
 // String returns the capability's KVM_CAP_* name, or KVM_CAP(n).
@@ -68,6 +69,7 @@ type Capabilities struct {
 	GuestMemfd        bool // KVM_CREATE_GUEST_MEMFD
 	ManualDirtyLog    bool // KVM_CLEAR_DIRTY_LOG (manual dirty-log protect)
 	DirtyRingBytes    int  // maximum dirty ring size in bytes; 0 without a dirty ring
+	DirtyRingAcqRel   int  // the same for the acquire/release ring, which EnableDirtyRing uses; 0 without
 	MultiAddressSpace int  // address spaces (2 on x86 with SMM; 0: the capability is absent, one address space)
 	MemoryFaultInfo   bool // KVM_EXIT_MEMORY_FAULT details on a failed fault
 }
@@ -88,6 +90,7 @@ func (d *Device) Capabilities() (Capabilities, error) {
 		{CapGuestMemfd, func(n int) { c.GuestMemfd = n > 0 }},
 		{CapManualDirtyLogProtect, func(n int) { c.ManualDirtyLog = n > 0 }},
 		{CapDirtyLogRing, func(n int) { c.DirtyRingBytes = n }},
+		{CapDirtyLogRingAcqRel, func(n int) { c.DirtyRingAcqRel = n }},
 		{CapMultiAddressSpace, func(n int) { c.MultiAddressSpace = n }},
 		{CapMemoryFaultInfo, func(n int) { c.MemoryFaultInfo = n > 0 }},
 	} {

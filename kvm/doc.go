@@ -3,7 +3,8 @@
 // report their exits. It is built on github.com/bobuhiro11/gokvm for the
 // kernel's structure layouts and ioctl numbers, and issues itself the
 // ioctls gokvm lacks (KVM_SET_USER_MEMORY_REGION2, KVM_CLEAR_DIRTY_LOG,
-// KVM_ENABLE_CAP) and those whose arguments point into Go memory.
+// KVM_RESET_DIRTY_RINGS, KVM_ENABLE_CAP) and those whose arguments point
+// into Go memory.
 //
 // Open opens /dev/kvm and checks the API version; Device.Capabilities says
 // what the host offers. Device.CreateVM makes a VM.
@@ -20,7 +21,11 @@
 // Slots created with LogDirtyPages have a dirty log: VM.GetDirtyLog copies
 // it into a bitmap of DirtyBitmapWords(pages) words and, unless
 // VM.EnableManualDirtyLog was called, resets it; with manual protect,
-// VM.ClearDirtyLog resets chosen pages.
+// VM.ClearDirtyLog resets chosen pages. VM.EnableDirtyRing, before the
+// first vCPU, makes KVM log into a ring per vCPU instead; GetDirtyLog then
+// harvests the rings (VM.HarvestDirtyRings) and returns the same bitmap, so
+// callers need not know which source is in use. VCPU.Run absorbs the exit
+// of a full ring by harvesting.
 //
 // VCPU.Run enters the guest and describes why it came back: an Exit with an
 // IOExit or MMIOExit whose Data lies in the vCPU's run page, HLT, shutdown,

@@ -49,6 +49,22 @@ var (
 	// does not offer (read-only slots without KVM_CAP_READONLY_MEM).
 	ErrSlotFlags = errors.New("kvm: bad memory slot flags")
 
+	// ErrDirtyRingSize: a dirty ring size that is not a power of two, not
+	// a multiple of the page size, above the kernel's maximum, or below
+	// the entries the kernel reserves.
+	ErrDirtyRingSize = errors.New("kvm: bad dirty ring size")
+	// ErrVCPUExists: the call must come before the VM's first vCPU is
+	// created (KVM refuses to add a dirty ring to a VM with vCPUs).
+	ErrVCPUExists = errors.New("kvm: the VM already has a vCPU")
+	// ErrDirtyLogMode: the call conflicts with the VM's dirty-log mode: a
+	// dirty ring enabled twice, or together with manual dirty-log
+	// protect, or ClearDirtyLog on a VM that logs into dirty rings.
+	ErrDirtyLogMode = errors.New("kvm: not possible in the VM's dirty-log mode")
+	// ErrDirtyRingEntry: a dirty ring held entries naming no page of a
+	// dirty-logged slot in the table; they were dropped. Returned wrapped
+	// in a *DirtyRingEntryError.
+	ErrDirtyRingEntry = errors.New("kvm: dirty ring entry names no logged page")
+
 	// ErrMemoryFault: KVM_RUN failed because the host memory behind a guest
 	// address could not be faulted in (unmapped, PROT_NONE, or a truncated
 	// file). Returned wrapped in a *MemoryFaultError.

@@ -32,12 +32,15 @@ func TestCheckKindRefusesOtherFDs(t *testing.T) {
 // Borrowed works on a close-on-exec duplicate and leaves the caller's
 // descriptor alone; Owned takes the descriptor itself.
 func TestTakeOwnership(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
+	// Raw descriptors, not an *os.File: Owned hands fd to a new file, and
+	// an *os.File left holding it would close it again from its finalizer,
+	// whatever the number had become by then (another test's directory fd).
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		t.Fatal(err)
 	}
-	defer w.Close()
-	fd := int(r.Fd())
+	defer unix.Close(p[1])
+	fd := p[0]
 	f, err := take(fd, Borrowed, "x")
 	if err != nil {
 		t.Fatal(err)

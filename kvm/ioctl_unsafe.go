@@ -7,8 +7,9 @@ import (
 	gokvm "github.com/bobuhiro11/gokvm/kvm"
 )
 
-// This file holds every use of package unsafe in package kvm: the ioctls
-// whose arguments are pointers to Go memory.
+// This file holds the ioctls whose arguments are pointers to Go memory, one
+// of the package's three uses of package unsafe (regs_ioctl_unsafe.go has
+// the register ioctls, dirtyring_unsafe.go the dirty ring's atomic flags).
 //
 // Each call converts its pointer to uintptr inside the argument list of
 // syscall.Syscall itself. That is the one form for which the compiler keeps
@@ -37,6 +38,7 @@ const (
 	nrSetSregs             = 0x84
 	nrEnableCap            = 0xa3
 	nrClearDirtyLog        = 0xc0
+	nrResetDirtyRings      = 0xc7
 )
 
 func errnoErr(e syscall.Errno) error {
@@ -191,6 +193,13 @@ func setCPUID2(fd uintptr, c *cpuid2) error {
 // vCPU's run page.
 func runIoctl(fd uintptr) error {
 	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, fd, gokvm.IIO(nrRun), 0)
+	return errnoErr(errno)
+}
+
+// resetDirtyRingsIoctl is KVM_RESET_DIRTY_RINGS on the VM fd; its argument
+// is 0. It returns how many entries the kernel reset, which is not needed.
+func resetDirtyRingsIoctl(vmfd uintptr) error {
+	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, vmfd, gokvm.IIO(nrResetDirtyRings), 0)
 	return errnoErr(errno)
 }
 

@@ -29,6 +29,11 @@ const (
 	ExitFailEntry     ExitReason = 9
 	ExitIntr          ExitReason = 10
 	ExitInternalError ExitReason = 17
+	// ExitDirtyRingFull (KVM_EXIT_DIRTY_RING_FULL): the vCPU's dirty ring
+	// is full. Run handles it (it harvests the rings and enters the guest
+	// again), so a caller sees it only on a VM adopted with a ring this
+	// package does not know, or with Run's error when handling it failed.
+	ExitDirtyRingFull ExitReason = 31
 	ExitMemoryFault   ExitReason = 39
 )
 
@@ -53,6 +58,8 @@ func (r ExitReason) String() string {
 		return "intr"
 	case ExitInternalError:
 		return "internal-error"
+	case ExitDirtyRingFull:
+		return "dirty-ring-full"
 	case ExitMemoryFault:
 		return "memory-fault"
 	}
@@ -146,6 +153,11 @@ type VCPU struct {
 	vm  *VM
 
 	interrupted atomic.Uint64 // KVM_RUN calls a signal interrupted (retried)
+	ringFull    atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits Run handled
+
+	// ring is the vCPU's dirty ring, when the VM has them; set at creation
+	// and cleared by Close, both with mu held.
+	ring *dirtyRing
 
 	// Control (control.go). kmu keeps the run page mapped for Kick, which
 	// runs without mu; tid is the OS thread inside KVM_RUN (0: none).
@@ -177,6 +189,7 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 // closes f. The caller holds vm.mu.
 func (vm *VM) wrapVCPU(f *os.File, id int) (*VCPU, error) {
 	c := &VCPU{f: f, id: id, vm: vm, closed: make(chan struct{})}
+	vm.vcpusMade++ // the kernel has it, whatever happens next
 	size, err := retry(func() (uintptr, error) { return vcpuMmapSize(vm.kvmFD.Fd()) })
 	if err != nil {
 		c.f.Close()
@@ -187,6 +200,11 @@ func (vm *VM) wrapVCPU(f *os.File, id int) (*VCPU, error) {
 		c.f.Close()
 		return nil, fmt.Errorf("kvm: mapping vCPU %d run page: %w", id, os.NewSyscallError("mmap", err))
 	}
+	if err := vm.mapDirtyRing(c); err != nil {
+		unix.Munmap(c.run)
+		c.f.Close()
+		return nil, err
+	}
 	vm.vcpus = append(vm.vcpus, c)
 	return c, nil
 }
@@ -196,7 +214,8 @@ func (c *VCPU) ID() int { return c.id }
 
 // Close unmaps the run page and closes the vCPU, after waiting for a Run in
 // progress to return. Closing twice returns nil. VM.Close closes its vCPUs
-// too.
+// too. On a VM with dirty rings, the vCPU's ring is harvested first, so
+// the pages it logged are still reported by GetDirtyLog.
 //
 // Close never waits on a guest: it kicks the vCPU first (see Kick), so a
 // Run in the guest returns promptly, and a Run parked by VM.Pause wakes;
@@ -210,8 +229,9 @@ func (c *VCPU) Close() error {
 	if c.f == nil {
 		return nil
 	}
+	rerr := c.vm.unmapDirtyRing(c)
 	c.kmu.Lock()
-	err := errors.Join(unix.Munmap(c.run), c.f.Close())
+	err := errors.Join(rerr, unix.Munmap(c.run), c.f.Close())
 	c.f, c.run = nil, nil
 	c.kmu.Unlock()
 	c.state.Store(int32(StateClosed))
@@ -293,6 +313,14 @@ func (c *VCPU) Complete() error {
 // MMIO exit before the slot existed, so such an exit is returned as an
 // ordinary MMIO exit, and the next access reaches the memory. A slot
 // deleted while the access was in flight gives an ordinary MMIO exit too.
+//
+// On a VM with dirty rings (VM.EnableDirtyRing), a vCPU whose ring is full
+// leaves the guest with KVM_EXIT_DIRTY_RING_FULL. That is not an exit for
+// the caller either: Run harvests every vCPU's ring into the VM's
+// harvested pages (as VM.HarvestDirtyRings does), resets them, and enters
+// the guest again; DirtyRingFullExits counts these. If the harvest fails,
+// Run returns the ExitDirtyRingFull exit with the error, and running again
+// retries.
 func (c *VCPU) Run() (Exit, error) { return c.RunContext(context.Background()) }
 
 // runOnce enters the guest once (as many KVM_RUN calls as signals that are
@@ -317,6 +345,46 @@ func (c *VCPU) runOnce() (e Exit, err error, again bool) {
 	// the slot was there when the vCPU entered the guest: one added while
 	// it ran (hotplug) may be reached by an exit KVM decided on before.
 	gen := c.vm.generation()
+	var ringSeen uint64
+	if c.ring != nil {
+		ringSeen = c.vm.ringTotal(c)
+	}
+	for {
+		e, err, again, done := c.enterOnce(fd)
+		if done {
+			return e, err, again
+		}
+		if err == nil && e.Reason == ExitDirtyRingFull && c.ring != nil {
+			// Harvest and go on: the caller sees no exit. If nothing was
+			// taken from this vCPU's ring since the last look, the kernel
+			// reports a full ring whose entries this package cannot see;
+			// entering again would loop.
+			c.ringFull.Add(1)
+			total, progress, herr := c.vm.ringFull(c, ringSeen)
+			if herr != nil {
+				return e, fmt.Errorf("kvm: vCPU %d: harvesting its full dirty ring: %w", c.id, herr), false
+			}
+			if !progress {
+				return e, fmt.Errorf("kvm: vCPU %d: KVM reports its dirty ring full, but the ring holds no entry to "+
+					"harvest", c.id), false
+			}
+			ringSeen = total
+			continue
+		}
+		if err == nil && e.MMIO != nil {
+			if s, inSlot := c.vm.slotAtSince(e.MMIO.Addr, gen); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
+				err = &MemoryFaultError{GPA: e.MMIO.Addr, Size: uint64(e.MMIO.Len), Known: true, Write: e.MMIO.Write,
+					MMIO: true, Slot: s.ID}
+			}
+		}
+		return e, err, false
+	}
+}
+
+// enterOnce calls KVM_RUN until it returns for a reason other than a signal
+// that is not a kick, and decodes the exit. done says a kick ended it
+// (again, as for runOnce, says it was a pause). The caller holds c.mu.
+func (c *VCPU) enterOnce(fd uintptr) (e Exit, err error, again, done bool) {
 	for {
 		// Clear, then set again if a kick is pending: a kick whose bits
 		// land after the load writes immediate_exit after the clear (or,
@@ -337,23 +405,23 @@ func (c *VCPU) runOnce() (e Exit, err error, again bool) {
 			c.run[runImmediateExit] = 0
 			switch {
 			case k&kickClose != 0:
-				return Exit{Reason: ExitIntr}, fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed), false
+				return Exit{Reason: ExitIntr}, fmt.Errorf("kvm: vCPU %d: %w", c.id, errVCPUClosed), false, true
 			case k&kickUser != 0:
-				return Exit{Reason: ExitIntr}, nil, false
+				return Exit{Reason: ExitIntr}, nil, false, true
 			}
-			return Exit{Reason: ExitIntr}, nil, true
+			return Exit{Reason: ExitIntr}, nil, true, true
 		}
 		c.interrupted.Add(1)
 	}
 	e, err = decodeExit(c.run, err)
-	if err == nil && e.MMIO != nil {
-		if s, inSlot := c.vm.slotAtSince(e.MMIO.Addr, gen); inSlot && !(e.MMIO.Write && s.Flags&ReadOnly != 0) {
-			err = &MemoryFaultError{GPA: e.MMIO.Addr, Size: uint64(e.MMIO.Len), Known: true, Write: e.MMIO.Write,
-				MMIO: true, Slot: s.ID}
-		}
-	}
-	return e, err, false
+	return e, err, false, false
 }
+
+// DirtyRingFullExits returns how many times this vCPU left the guest
+// because its dirty ring was full (KVM_EXIT_DIRTY_RING_FULL) and Run
+// harvested the rings and went on. A VMM that sees it grow often can
+// harvest more often (VM.HarvestDirtyRings) or use a larger ring.
+func (c *VCPU) DirtyRingFullExits() uint64 { return c.ringFull.Load() }
 
 // decodeExit describes the exit in the run page p after KVM_RUN returned err.
 func decodeExit(p runPage, err error) (Exit, error) {

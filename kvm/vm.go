@@ -80,6 +80,11 @@ type VM struct {
 	caps     Capabilities
 	manual   bool // manual dirty-log protect enabled
 	vcpus    []*VCPU
+	// vcpusMade counts the vCPUs ever created or adopted: KVM refuses a
+	// dirty ring once one exists, even if it was closed.
+	vcpusMade int
+
+	ring ringState // the dirty rings, when EnableDirtyRing was called (dirtyring.go)
 
 	// Pause (control.go): resume is non-nil while paused and closed by
 	// Resume; inGuest counts vCPUs in runOnce; drained is closed when it
@@ -174,6 +179,7 @@ func (vm *VM) Close() error {
 		errs = append(errs, c.Close())
 	}
 	vm.vcpus = nil
+	vm.closeRings()
 	errs = append(errs, vm.f.Close(), vm.kvmFD.Close())
 	vm.f = nil
 	vm.tmu.Lock()
@@ -420,11 +426,18 @@ func (vm *VM) AddSlot(s Slot) (Slot, error) {
 }
 
 // setLocked is SetSlot with mu held and the VM open; errors are *SlotError.
-func (vm *VM) setLocked(s Slot) error {
+func (vm *VM) setLocked(s Slot) (err error) {
 	if err := vm.check(s); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
 	old, ok := vm.slots[s.ID]
+	if ok && vm.slotChanging(old, s) {
+		defer func() {
+			if err == nil {
+				vm.dropPending(s.ID)
+			}
+		}()
+	}
 	if ok && (old.Size != s.Size || old.HostAddr != s.HostAddr || (old.Flags^s.Flags)&ReadOnly != 0) {
 		if err := vm.setRegion(old.ID, 0, old.GPA, 0, 0); err != nil {
 			return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
@@ -461,10 +474,14 @@ func (vm *VM) DeleteSlot(id uint32) error {
 	if !ok {
 		return &SlotError{Op: "DeleteSlot", Slot: id, Err: ErrNoSlot}
 	}
+	drop := vm.slotChanging(s, Slot{ID: id})
 	if err := vm.setRegion(id, 0, s.GPA, 0, 0); err != nil {
 		return &SlotError{Op: "DeleteSlot", Slot: id, Err: err}
 	}
 	vm.deleteLocked(id)
+	if drop {
+		vm.dropPending(id)
+	}
 	return nil
 }
 
@@ -494,7 +511,15 @@ func DirtyBitmapWords(pages uint64) uint64 { return pages/64 + min(pages%64, 1) 
 // GetDirtyLog copies the dirty bitmap of slot id into bitmap: bit i (bit
 // i%64 of word i/64) is page i of the slot. Without manual protect it also
 // resets the log; with it (EnableManualDirtyLog), pages stay dirty until
-// ClearDirtyLog. bitmap needs DirtyBitmapWords(pages) words.
+// ClearDirtyLog. bitmap needs DirtyBitmapWords(pages) words; GetDirtyLog
+// writes exactly those.
+//
+// On a VM with dirty rings (EnableDirtyRing), where the kernel keeps no
+// bitmap, it harvests the rings (HarvestDirtyRings) and hands out the
+// slot's harvested pages as that same bitmap, then forgets them: the pages
+// written since the slot's previous GetDirtyLog, as without manual
+// protect. Dropped ring entries do not fail it; HarvestDirtyRings reports
+// them.
 func (vm *VM) GetDirtyLog(id uint32, bitmap []uint64) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
@@ -505,6 +530,12 @@ func (vm *VM) GetDirtyLog(id uint32, bitmap []uint64) error {
 	if need := DirtyBitmapWords(s.Pages()); uint64(len(bitmap)) < need {
 		return &SlotError{Op: "GetDirtyLog", Slot: id, Err: fmt.Errorf("%w: %d words for %d pages, need %d",
 			ErrBitmapTooSmall, len(bitmap), s.Pages(), need)}
+	}
+	if vm.ring.bytes != 0 {
+		if err := vm.ringDirtyLog(s, bitmap); err != nil {
+			return &SlotError{Op: "GetDirtyLog", Slot: id, Err: err}
+		}
+		return nil
 	}
 	if err := retryErr(func() error { return getDirtyLog(vm.f.Fd(), id, bitmap) }); err != nil {
 		return &SlotError{Op: "GetDirtyLog", Slot: id, Err: ioctlErr("KVM_GET_DIRTY_LOG", err)}
@@ -537,6 +568,10 @@ func (vm *VM) EnableManualDirtyLog() error {
 	if vm.f == nil {
 		return fmt.Errorf("kvm: %w", errVMClosed)
 	}
+	if vm.ring.bytes != 0 {
+		return fmt.Errorf("kvm: EnableManualDirtyLog: %w: the VM logs into dirty rings, and manual protect "+
+			"applies to bitmaps", ErrDirtyLogMode)
+	}
 	if !vm.caps.ManualDirtyLog {
 		return fmt.Errorf("%w: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", ErrUnsupported)
 	}
@@ -564,6 +599,10 @@ func (vm *VM) ClearDirtyLog(id uint32, first, n uint64, bitmap []uint64) error {
 	s, err := vm.loggingSlot("ClearDirtyLog", id)
 	if err != nil {
 		return err
+	}
+	if vm.ring.bytes != 0 {
+		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: the VM logs into dirty rings, "+
+			"where GetDirtyLog resets what it reports", ErrDirtyLogMode)}
 	}
 	if !vm.manual {
 		return &SlotError{Op: "ClearDirtyLog", Slot: id, Err: fmt.Errorf("%w: manual dirty-log protect is off "+
