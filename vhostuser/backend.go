@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -335,13 +336,14 @@ type BackendConfig struct {
 // the session and feature requests and applies the memory messages
 // (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, SET_LOG_BASE) to its MemoryMap.
 // Any other request is an error wrapping errors.ErrUnsupported. Next and
-// Serve are called from one goroutine; the MemoryMap may be used from any.
+// Serve are called from one goroutine; Memory, Features and the MemoryMap
+// may be used from any.
 type Backend struct {
 	c        conn
 	cfg      BackendConfig
 	mem      MemoryMap
-	features uint64 // SET_FEATURES
-	protocol uint64 // SET_PROTOCOL_FEATURES
+	features atomic.Uint64 // SET_FEATURES, read by Features from any goroutine
+	protocol uint64        // SET_PROTOCOL_FEATURES
 }
 
 // NewBackend serves the front end at the other end of c, a connected unix
@@ -362,7 +364,7 @@ func (b *Backend) Memory() *MemoryMap { return &b.mem }
 
 // Features returns the virtio features the front end acknowledged with
 // SET_FEATURES (FeatureLogAll says it wants writes logged).
-func (b *Backend) Features() uint64 { return b.features }
+func (b *Backend) Features() uint64 { return b.features.Load() }
 
 // Serve handles requests until the front end closes the connection, which
 // returns nil, or a request fails, which returns its error.
@@ -443,7 +445,9 @@ func (b *Backend) apply(m Message) ([]byte, error) {
 		return u64(b.cfg.Features), noPayload()
 	case SetFeatures:
 		v, err := decodeU64(m.Request, m.Payload)
-		b.features = v
+		if err == nil {
+			b.features.Store(v)
+		}
 		return nil, err
 	case GetProtocolFeatures:
 		return u64(b.cfg.ProtocolFeatures), noPayload()

@@ -12,7 +12,7 @@ import (
 
 // Everything documented as safe for concurrent use, at once (run under
 // -race): the Exporter hot-adds and removes a region over and over while
-// CollectDirty runs, the back end's MemoryMap is written and read by a
+// CollectDirty runs and other requests share the Frontend, the back end's MemoryMap is written and read by a
 // device goroutine (logging each write) and its table changes under it.
 // Every page the device wrote is in some collection.
 func TestConcurrentHotplugDirtyAndAccess(t *testing.T) {
@@ -62,10 +62,14 @@ func TestConcurrentHotplugDirtyAndAccess(t *testing.T) {
 			}
 		}
 	}
-	go func() {
+	go func() { // the VMM's own requests on the same connection
 		defer wg.Done()
 		for i := 0; i < rounds; i++ {
 			_ = e.Regions()
+			require.NoError(t, f.SetFeatures(vhostuser.FeatureLogAll))
+			reply, err := f.Call(vhostuser.GetFeatures, nil, nil, true)
+			require.NoError(t, err)
+			require.Len(t, reply, 8)
 		}
 	}()
 	for i := 0; i < rounds; i++ {
@@ -79,4 +83,5 @@ func TestConcurrentHotplugDirtyAndAccess(t *testing.T) {
 	}
 	require.Len(t, e.Regions(), 2)
 	require.Len(t, mm.Regions(), 2)
+	require.Equal(t, vhostuser.FeatureLogAll, b.Features())
 }
