@@ -37,8 +37,10 @@ type Exporter struct {
 // (private) and File (mapped privately) backings — is refused with
 // ErrNotShareable before anything is sent. Up to 8 regions go in one
 // SET_MEM_TABLE; more need CONFIGURE_MEM_SLOTS and go one ADD_MEM_REG each,
-// up to the back end's MaxMemSlots (else ErrTooManyRegions). The Exporter
-// uses m's fd: Close it before closing m.
+// up to the back end's MaxMemSlots (else ErrTooManyRegions); if one of
+// those fails, the back end keeps the regions it took before, and the
+// connection should be dropped. The Exporter uses m's fd: Close it before
+// closing m.
 func Export(m *guestmem.Memory, f *Frontend) (*Exporter, error) {
 	if err := shareable(m); err != nil {
 		return nil, err
