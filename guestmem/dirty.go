@@ -155,6 +155,9 @@ func (m *Memory) setTracking(on, hostOnly bool) error {
 			}
 		}
 	}
+	if on {
+		m.drainExternal(regions)
+	}
 	m.publish(&table{regions: regions})
 	return nil
 }
@@ -241,6 +244,7 @@ func (m *Memory) collectLocked(op string, strict bool) (*DirtySet, error) {
 		} else {
 			kvmBits = kvmBits[:0]
 		}
+		kvmBits = m.takeExternal(op, r, kvmBits) // a vhost-user back end's log (external.go)
 		pages := r.Size / dirtyPage
 		runStart := int64(-1)
 		flush := func(end uint64) {

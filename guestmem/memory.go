@@ -250,6 +250,7 @@ type Memory struct {
 	slotIDs    atomic.Pointer[map[GuestAddress]uint32] // see views
 	inCallback reentry.Guard                           // holds the table
 	inSave     reentry.Guard                           // holds wmu
+	external   []DirtySource                           // see AttachDirtySource (guarded by wmu)
 }
 
 // ErrReentered is wrapped by the error of a call made from a callback that
