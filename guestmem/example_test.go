@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 
 	"github.com/gmem-vmm/gmem/guestmem"
 )
@@ -164,4 +165,58 @@ func ExampleRestoreOnDemand() {
 	}
 	fmt.Println(v, od.Progress().Done)
 	// Output: 42 true
+}
+
+// Migrate sends guest memory to ReceiveMigration over connections while the
+// guest runs; here both ends are in one process, over loopback TCP, and the
+// "guest" is paused by a no-op.
+func ExampleMemory_Migrate() {
+	ctx := context.Background()
+	src, err := guestmem.New(guestmem.Layout{{GPA: 0, Size: 8 << 20}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+	if err := src.WriteUint64(0x2000, 7); err != nil {
+		log.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer l.Close()
+	received := make(chan *guestmem.Memory, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer c.Close()
+		m, _, err := guestmem.ReceiveMigration(ctx, []io.ReadWriter{c})
+		if err != nil {
+			log.Fatal(err)
+		}
+		received <- m
+	}()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	st, err := src.Migrate(ctx, []io.ReadWriter{c}, guestmem.MigrateOptions{
+		HostWritesOnly: true, // no vCPU writes this memory
+		Pause:          func(context.Context) error { return nil },
+		Resume:         func() error { return nil },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	dst := <-received
+	defer dst.Close()
+	v, err := dst.ReadUint64(0x2000)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(v, st.Converged)
+	// Output: 7 true
 }
