@@ -308,7 +308,9 @@ type ackResult struct {
 func (s *stream) readAcks() {
 	defer close(s.done)
 	for {
-		round, err := readAck(s.rw)
+		// The raw connection: no deadline while the sender is still
+		// writing, which can take long on a slow link (ack bounds the wait).
+		round, err := readAck(s.rw.rw)
 		s.acks <- ackResult{round, err}
 		if err != nil {
 			s.rw.abort()
@@ -320,9 +322,16 @@ func (s *stream) readAcks() {
 	}
 }
 
-// ack waits for the acknowledgement of round want.
+// ack waits for the acknowledgement of round want, everything having been
+// written, for at most the I/O timeout.
 func (s *stream) ack(want uint32) error {
-	a := <-s.acks
+	var a ackResult
+	select {
+	case a = <-s.acks:
+	case <-time.After(s.rw.timeout):
+		s.rw.abort()
+		return fmt.Errorf("waiting for the receiver: no acknowledgement of round %d within %v", want, s.rw.timeout)
+	}
 	if a.err == nil && a.round != want {
 		a.err = fmt.Errorf("%w: acknowledgement of round %d, expected %d", ErrMigrationProtocol, a.round, want)
 	}
