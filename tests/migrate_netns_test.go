@@ -190,7 +190,7 @@ func startCounter(t *testing.T, m *guestmem.Memory, pages []guestmem.GuestAddres
 }
 
 func (c *counter) Pause(context.Context) error { c.mu.Lock(); c.paused = true; return nil }
-func (c *counter) Resume() error                { c.paused = false; c.resume++; c.mu.Unlock(); return nil }
+func (c *counter) Resume() error               { c.paused = false; c.resume++; c.mu.Unlock(); return nil }
 
 func workingSet() []guestmem.GuestAddress {
 	var pages []guestmem.GuestAddress
