@@ -286,36 +286,12 @@ func (od *OnDemand) readIndex(ctx context.Context, c config) (Layout, [16]byte, 
 			if err := c.expectLayout(sr); err != nil {
 				return nil, [16]byte{}, err
 			}
-			for {
-				if err := ctx.Err(); err != nil {
-					return nil, [16]byte{}, err
-				}
-				entries, err := sr.batch()
-				if err != nil {
-					return nil, [16]byte{}, err
-				}
-				if entries == nil {
-					break
-				}
-				var data int64
-				for j, e := range entries {
-					switch e.kind {
-					case kindData:
-						data += int64(e.n)
-					case kindZstd:
-						data += e.plen
-					}
-					entries[j].part = sr.index
-				}
-				if err := sr.skip(data); err != nil {
-					return nil, [16]byte{}, err
-				}
-				if err := sr.sums(entries, nil); err != nil {
-					return nil, [16]byte{}, err
-				}
+			if err := sr.index1(ctx, func(entries []entry) {
 				for _, e := range entries {
 					od.recs = append(od.recs, odRecord{entry: e, src: i})
 				}
+			}); err != nil {
+				return nil, [16]byte{}, err
 			}
 			info := sr.info
 			prev = &info

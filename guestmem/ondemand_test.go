@@ -520,7 +520,7 @@ func TestRestoreOnDemandWorkingSet(t *testing.T) {
 	ws := od1.WorkingSet()
 	require.NoError(t, m1.Close())
 	require.NotEmpty(t, ws.Spans)
-	require.Equal(t, without, uint64(len(ws.Spans)), "one span per unit first faulted")
+	require.GreaterOrEqual(t, uint64(len(ws.Spans)), without, "every unit a fault fetched is in the working set")
 
 	var file bytes.Buffer
 	_, err = ws.WriteTo(&file)

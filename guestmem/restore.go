@@ -331,29 +331,8 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 			if err = chainCheck(sr.index, prev, sr); err == nil {
 				err = c.expectLayout(sr)
 			}
-			for err == nil {
-				if err = ctx.Err(); err != nil {
-					break
-				}
-				var entries []entry
-				entries, err = sr.batch()
-				if err != nil || entries == nil {
-					break
-				}
-				var data int64
-				for j, e := range entries {
-					switch e.kind {
-					case kindData:
-						data += int64(e.n)
-					case kindZstd:
-						data += e.plen
-					}
-					entries[j].part = sr.index
-				}
-				if err = sr.skip(data); err == nil {
-					err = sr.sums(entries, nil)
-				}
-				all = coalesce(all, entries)
+			if err == nil {
+				err = sr.index1(ctx, func(entries []entry) { all = coalesce(all, entries) })
 			}
 			if err == nil && sr.off > st.Size() {
 				err = sr.fail(st.Size(), fmt.Errorf("%w: file has %d bytes", ErrSnapshotTruncated, st.Size()))
@@ -409,6 +388,38 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	}
 	m.snap = snapState{id: prev.ID, layout: prev.Layout}
 	return m, nil
+}
+
+// index1 reads the batches of the current snapshot through its end block,
+// skipping the payloads, and hands each batch's records (with their
+// checksums, and part set) to fn.
+func (sr *snapReader) index1(ctx context.Context, fn func([]entry)) error {
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		entries, err := sr.batch()
+		if err != nil || entries == nil {
+			return err
+		}
+		var data int64
+		for j, e := range entries {
+			switch e.kind {
+			case kindData:
+				data += int64(e.n)
+			case kindZstd:
+				data += e.plen
+			}
+			entries[j].part = sr.index
+		}
+		if err := sr.skip(data); err != nil {
+			return err
+		}
+		if err := sr.sums(entries, nil); err != nil {
+			return err
+		}
+		fn(entries)
+	}
 }
 
 // coalesce appends entries to all, merging a data record into the one
