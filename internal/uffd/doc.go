@@ -2,9 +2,8 @@
 // page faults from a snapshot: guest RAM is mapped empty, registered here,
 // and every page the guest or the VMM first touches is filled on demand
 // (Firecracker's UFFD snapshot backend, Cloud Hypervisor's
-// memory_restore_mode=ondemand). It is the groundwork for guestmem's lazy
-// restore (issue 13); guestmem, not this package, knows what a page should
-// hold.
+// memory_restore_mode=ondemand). guestmem's RestoreOnDemand is built on it;
+// guestmem, not this package, knows what a page should hold.
 //
 // # The model
 //
