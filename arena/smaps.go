@@ -20,6 +20,7 @@ type Stats struct {
 	FilePmdMapped  int64 // file memory mapped with huge PMDs
 	Hugetlb        int64 // hugetlb memory mapped (Shared_Hugetlb + Private_Hugetlb; not in Rss)
 	Swap           int64 // bytes swapped out
+	KSM            int64 // bytes merged by KSM (smaps KSM), see UseKSM
 	VMAs           []VMA // the VMAs, lowest address first
 }
 
@@ -32,6 +33,7 @@ type VMA struct {
 	Locked     int64
 	HugePages  int64 // AnonHugePages + ShmemPmdMapped + FilePmdMapped + hugetlb
 	Hugetlb    int64 // Shared_Hugetlb + Private_Hugetlb
+	KSM        int64 // bytes merged by KSM
 }
 
 // HasFlag reports whether every VMA carries the VmFlags mnemonic f (see
@@ -91,7 +93,7 @@ func readSmaps(start, end uintptr) (Stats, error) {
 		hugetlb := v.SharedHugetlb + v.PrivateHugetlb
 		st.VMAs[i] = VMA{
 			Start: v.Start, End: v.End, Perms: v.Perms, Flags: v.Flags,
-			Rss: v.Rss, Locked: v.Locked, Hugetlb: hugetlb,
+			Rss: v.Rss, Locked: v.Locked, Hugetlb: hugetlb, KSM: v.KSM,
 			HugePages: v.AnonHugePages + v.ShmemPmdMapped + v.FilePmdMapped + hugetlb,
 		}
 		st.Rss += v.Rss
@@ -101,6 +103,7 @@ func readSmaps(start, end uintptr) (Stats, error) {
 		st.FilePmdMapped += v.FilePmdMapped
 		st.Hugetlb += hugetlb
 		st.Swap += v.Swap
+		st.KSM += v.KSM
 	}
 	return st, nil
 }

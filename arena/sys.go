@@ -73,6 +73,10 @@ func adviceName(advice int) string {
 		return "madvise(MADV_POPULATE_READ)"
 	case unix.MADV_POPULATE_WRITE:
 		return "madvise(MADV_POPULATE_WRITE)"
+	case unix.MADV_MERGEABLE:
+		return "madvise(MADV_MERGEABLE)"
+	case unix.MADV_UNMERGEABLE:
+		return "madvise(MADV_UNMERGEABLE)"
 	}
 	return "madvise"
 }

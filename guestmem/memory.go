@@ -65,8 +65,9 @@ type config struct {
 	guard    uint64
 	name     string
 	hotplug  uint64
-	expect   Layout   // Restore: the layout the snapshot must have
-	backings []string // the backing options given, to refuse two
+	expect   Layout    // Restore: the layout the snapshot must have
+	backings []string  // the backing options given, to refuse two
+	place    placement // WithNUMA, WithKSM
 }
 
 // Each backing is chosen by one option; giving two is ErrBadOption. With
@@ -109,7 +110,7 @@ func (c *config) check(op string) error {
 		return fmt.Errorf("guestmem: New: %w: WithLayout applies to Restore and RestoreLazy, whose layout "+
 			"comes from the snapshot", ErrBadOption)
 	}
-	return nil
+	return c.checkPlacement(op)
 }
 
 // WithMaxAddress sets the top of the guest-physical address space (default
@@ -242,6 +243,7 @@ type Memory struct {
 	snap      snapState
 	od        atomic.Pointer[OnDemand] // the on-demand restore filling the memory, if any
 	migrating atomic.Bool              // a Migrate is sending the memory
+	place     placement                // NUMA policies and KSM, fixed by New
 
 	// Callbacks run while holding: every user callback (a CopyTo writer, a
 	// CopyFrom reader, Prefault's Progress, Save's writer) holds the region
@@ -379,7 +381,7 @@ func newMemory(l Layout, c config) (*Memory, error) {
 		return nil, fmt.Errorf("guestmem: New: %w: a File backing cannot hot-add regions (WithHotplug)", ErrBacking)
 	}
 	m := &Memory{backing: c.backing, pageSize: pageSize, fd: -1, fdSize: int64(fdCursor + hot),
-		guard: guard, noTHP: c.noTHP, top: c.top}
+		guard: guard, noTHP: c.noTHP, top: c.top, place: c.place}
 	if c.backing != Anonymous && hot > 0 {
 		m.hot.free = []fdRange{{off: int64(fdCursor), n: int64(hot)}}
 	}
@@ -498,6 +500,9 @@ func (m *Memory) mapRegion(op string, r *region) error {
 		return whole.inGuestTerms(op, err)
 	}
 	r.HostAddr = r.host.Addr() + uintptr(r.arenaOff)
+	if err := m.applyPlacement(r); err != nil {
+		return whole.inGuestTerms(op, err)
+	}
 	if err := m.applyDefaults(r.host, r.arenaOff, size); err != nil {
 		return whole.inGuestTerms(op, err)
 	}

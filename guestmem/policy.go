@@ -226,7 +226,7 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 					return
 				}
 				j := jobs[i]
-				if err := j.a.Populate(j.off, j.n, arena.PopulateWrite); err != nil {
+				if err := m.populate(j.a, j.off, j.n, j.gpa); err != nil {
 					fail(piece(j).inGuestTerms("Prefault", err))
 					return
 				}

@@ -45,6 +45,8 @@ const (
 	TopicPopulateWrite  Topic = "populate-write"  // MADV_POPULATE_WRITE fails
 	TopicMlockOnFault   Topic = "mlock-onfault"   // mlock2(MLOCK_ONFAULT) fails
 	TopicMeasure        Topic = "measure"         // timing the populate failed
+	TopicKSM            Topic = "ksm"             // no KSM in the kernel, or ksmd not running
+	TopicKSMNUMA        Topic = "ksm-numa"        // ksmd merges across NUMA nodes on a host with several
 )
 
 // Advise draws the advice from f's facts: what Probe puts in f.Advice,
@@ -132,6 +134,21 @@ func Advise(f *Facts) []Advice {
 	if !f.PopulateWrite.Works {
 		add(TopicPopulateWrite, "MADV_POPULATE_WRITE does not work here (%s): Prefault falls back to touching "+
 			"every page, which is slower.", f.PopulateWrite.Error)
+	}
+	switch k := f.KSM; {
+	case !k.Available:
+		add(TopicKSM, "This kernel has no KSM (no /sys/kernel/mm/ksm): guestmem's WithKSM and UseKSM fail here, "+
+			"and identical guest pages are never merged.")
+	case k.Run != 1:
+		add(TopicKSM, "ksmd is not running (run=%d): guest RAM given WithKSM is marked mergeable but nothing is "+
+			"merged. echo 1 > /sys/kernel/mm/ksm/run to merge; it costs CPU, set by pages_to_scan (%d) and "+
+			"sleep_millisecs (%d).", k.Run, k.PagesToScan, k.SleepMillisecs)
+	}
+	if f.KSM.Available && f.KSM.MergeAcrossNodes == 1 && len(f.NUMA) > 1 {
+		add(TopicKSMNUMA, "KSM merges across NUMA nodes (merge_across_nodes=1) on this %d-node host: identical "+
+			"pages of guests bound to different nodes become one copy on one node, undoing WithNUMA. With "+
+			"nothing merged (echo 2 > /sys/kernel/mm/ksm/run unmerges), echo 0 > "+
+			"/sys/kernel/mm/ksm/merge_across_nodes.", len(f.NUMA))
 	}
 	if !f.MlockOnFault.Works {
 		add(TopicMlockOnFault, "mlock2(MLOCK_ONFAULT) does not work here (%s): LockOnFault will fail.",

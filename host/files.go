@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/gmem-vmm/gmem/internal/numa"
 	"github.com/gmem-vmm/gmem/internal/units"
 )
 
@@ -22,7 +23,7 @@ const (
 	statusPath          = "proc/self/status"
 	thpDir              = "sys/kernel/mm/transparent_hugepage"
 	hugepagesDir        = "sys/kernel/mm/hugepages"
-	nodeDir             = "sys/devices/system/node"
+	ksmDir              = "sys/kernel/mm/ksm"
 )
 
 // MemInfo is the part of /proc/meminfo that guest memory depends on, in
@@ -256,43 +257,44 @@ type NUMANode struct {
 // readNUMA lists the NUMA nodes, lowest first; none on a kernel built
 // without NUMA.
 func readNUMA(root fs.FS) []NUMANode {
-	ents, err := fs.ReadDir(root, nodeDir)
-	if err != nil {
-		return nil
-	}
 	var nodes []NUMANode
-	for _, e := range ents {
-		s, ok := strings.CutPrefix(e.Name(), "node")
-		id, err := strconv.Atoi(s)
-		if !ok || err != nil || id < 0 {
-			continue
-		}
-		n := NUMANode{ID: id}
-		if b, err := fs.ReadFile(root, path.Join(nodeDir, e.Name(), "cpulist")); err == nil {
-			n.CPUs = strings.TrimSpace(string(b))
-		}
-		// "Node 0 MemTotal:       11626232 kB"
-		b, _ := fs.ReadFile(root, path.Join(nodeDir, e.Name(), "meminfo"))
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 4 {
-				continue
-			}
-			v, err := strconv.ParseUint(f[3], 10, 64)
-			if err != nil {
-				continue
-			}
-			switch f[2] {
-			case "MemTotal:":
-				n.Total = v << 10
-			case "MemFree:":
-				n.Free = v << 10
-			}
-		}
-		nodes = append(nodes, n)
+	for _, n := range numa.Nodes(root) {
+		nodes = append(nodes, NUMANode{ID: n.ID, CPUs: n.CPUList, Total: n.Total, Free: n.Free})
 	}
-	sort.Slice(nodes, func(i, j int) bool { return nodes[i].ID < nodes[j].ID })
 	return nodes
+}
+
+// KSM is the state of the kernel's same-page merging (/sys/kernel/mm/ksm),
+// which guestmem's WithKSM and UseKSM opt guest RAM into.
+type KSM struct {
+	Available bool `json:"available"` // the kernel has KSM (CONFIG_KSM)
+	// Run is ksmd's mode: 0 stopped (merged pages stay merged), 1
+	// running, 2 stopped after unmerging everything.
+	Run          int    `json:"run"`
+	PagesShared  uint64 `json:"pages_shared"`  // pages kept, each backing several
+	PagesSharing uint64 `json:"pages_sharing"` // pages merged into them: what merging saves
+	// MergeAcrossNodes 1 merges pages of different NUMA nodes into one,
+	// undoing a NUMA policy; 0 merges only within a node.
+	MergeAcrossNodes int    `json:"merge_across_nodes"`
+	PagesToScan      uint64 `json:"pages_to_scan"`
+	SleepMillisecs   uint64 `json:"sleep_millisecs"`
+}
+
+// readKSM reads /sys/kernel/mm/ksm; a kernel without it is KSM{} with
+// Available false.
+func readKSM(root fs.FS) KSM {
+	if _, err := fs.Stat(root, ksmDir); err != nil {
+		return KSM{Run: -1, MergeAcrossNodes: -1}
+	}
+	return KSM{
+		Available:        true,
+		Run:              readInt(root, ksmDir+"/run"),
+		PagesShared:      readUint(root, ksmDir+"/pages_shared"),
+		PagesSharing:     readUint(root, ksmDir+"/pages_sharing"),
+		MergeAcrossNodes: readInt(root, ksmDir+"/merge_across_nodes"),
+		PagesToScan:      readUint(root, ksmDir+"/pages_to_scan"),
+		SleepMillisecs:   readUint(root, ksmDir+"/sleep_millisecs"),
+	}
 }
 
 // readUint returns the number in file name, or 0.

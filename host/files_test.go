@@ -66,10 +66,42 @@ func TestReadNUMA(t *testing.T) {
 	h := testenv.DefaultFakeHost()
 	h.NUMA["node1"] = "Node 1 MemTotal:       1024 kB\nNode 1 MemFree:         512 kB\nNode 1 MemUsed: 512 kB\n"
 	fsys := h.FS()
-	fsys[nodeDir+"/online"] = &fstest.MapFile{Data: []byte("0-1\n")}
+	fsys["sys/devices/system/node/online"] = &fstest.MapFile{Data: []byte("0-1\n")}
 	require.Equal(t, []NUMANode{{ID: 0, CPUs: "0-1", Total: 24 << 30, Free: 20 << 30},
 		{ID: 1, CPUs: "0-1", Total: 1 << 20, Free: 512 << 10}}, readNUMA(fsys))
 	require.Nil(t, readNUMA(fstest.MapFS{}), "a kernel without NUMA")
+}
+
+func TestReadKSM(t *testing.T) {
+	h := testenv.DefaultFakeHost()
+	require.Equal(t, KSM{Run: -1, MergeAcrossNodes: -1}, readKSM(h.FS()), "a kernel without KSM")
+	h.KSM = map[string]string{"run": "1", "pages_shared": "2", "pages_sharing": "510", "merge_across_nodes": "1",
+		"pages_to_scan": "100", "sleep_millisecs": "20"}
+	require.Equal(t, KSM{Available: true, Run: 1, PagesShared: 2, PagesSharing: 510, MergeAcrossNodes: 1,
+		PagesToScan: 100, SleepMillisecs: 20}, readKSM(h.FS()))
+}
+
+// The KSM advice: none while ksmd runs on one node; a stopped ksmd, a
+// kernel without KSM, and merging across several nodes each say what to do.
+func TestKSMAdvice(t *testing.T) {
+	topics := func(f *Facts) []Topic {
+		var out []Topic
+		for _, a := range Advise(f) {
+			if a.Topic == TopicKSM || a.Topic == TopicKSMNUMA {
+				out = append(out, a.Topic)
+			}
+		}
+		return out
+	}
+	one := []NUMANode{{ID: 0, Total: 1 << 30}}
+	running := KSM{Available: true, Run: 1, MergeAcrossNodes: 1}
+	require.Empty(t, topics(&Facts{KSM: running, NUMA: one}))
+	require.Equal(t, []Topic{TopicKSM}, topics(&Facts{KSM: KSM{Available: true, MergeAcrossNodes: 1}, NUMA: one}))
+	require.Equal(t, []Topic{TopicKSM}, topics(&Facts{KSM: KSM{Run: -1}, NUMA: one}))
+	two := append(one, NUMANode{ID: 1, Total: 1 << 30})
+	require.Equal(t, []Topic{TopicKSMNUMA}, topics(&Facts{KSM: running, NUMA: two}))
+	running.MergeAcrossNodes = 0
+	require.Empty(t, topics(&Facts{KSM: running, NUMA: two}))
 }
 
 func TestHugePoolsCheck(t *testing.T) {

@@ -18,6 +18,7 @@ type Facts struct {
 	THP           THPModes      `json:"transparent_hugepages"`
 	HugePools     HugePools     `json:"hugepage_pools"`
 	NUMA          []NUMANode    `json:"numa_nodes"`
+	KSM           KSM           `json:"ksm"`
 	Memlock       Memlock       `json:"memlock"`
 	Overcommit    Overcommit    `json:"overcommit"`
 	PopulateWrite Check         `json:"madv_populate_write"` // what guestmem's Prefault uses
@@ -145,6 +146,7 @@ func probe(ctx context.Context, p prober) *Facts {
 	f.THP = ReadTHP(p.root)
 	f.HugePools = ReadHugePools(p.root)
 	f.NUMA = readNUMA(p.root)
+	f.KSM = readKSM(p.root)
 	f.Memlock.CapIPCLock = hasCapIPCLock(p.root)
 	if soft, hard, err := p.memlock(); err != nil {
 		f.Memlock.Error = err.Error()

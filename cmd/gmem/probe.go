@@ -129,6 +129,28 @@ func renderProbe(w io.Writer, f *host.Facts) error {
 		row(Size(pool.PageSize).String()+" pages", "%d free of %d", pool.Free, pool.Total)
 	}
 
+	section("NUMA NODES")
+	if len(f.NUMA) == 0 {
+		row("(none)", "a kernel without NUMA")
+	}
+	for _, n := range f.NUMA {
+		cpus := n.CPUs
+		if cpus == "" {
+			cpus = "none"
+		}
+		row(fmt.Sprintf("node %d", n.ID), "%s free of %s, CPUs %s", units.Human(n.Free), units.Human(n.Total), cpus)
+	}
+
+	section("KSM")
+	if k := f.KSM; !k.Available {
+		row("(absent)", "no /sys/kernel/mm/ksm")
+	} else {
+		runs := map[int]string{0: "stopped", 1: "running", 2: "stopped, everything unmerged"}[k.Run]
+		row("ksmd", "run=%d (%s), %d pages every %d ms", k.Run, runs, k.PagesToScan, k.SleepMillisecs)
+		row("merged", "%d pages into %d (as of ksmd's last scan)", k.PagesSharing, k.PagesShared)
+		row("merge_across_nodes", "%d", k.MergeAcrossNodes)
+	}
+
 	section("LIMITS")
 	if f.Memlock.Error != "" {
 		row("RLIMIT_MEMLOCK", "unknown: %s", f.Memlock.Error)

@@ -73,6 +73,28 @@ func TestRenderProbe(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
 	}
+	f := sampleFacts()
+	f.NUMA = []host.NUMANode{{ID: 0, CPUs: "0-1", Total: 8 << 30, Free: 6 << 30}, {ID: 1, Total: 4 << 30, Free: 4 << 30}}
+	f.KSM = host.KSM{Available: true, Run: 1, PagesShared: 2, PagesSharing: 510, MergeAcrossNodes: 1,
+		PagesToScan: 100, SleepMillisecs: 20}
+	b.Reset()
+	if err := renderProbe(&b, f); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"NUMA NODES\n  node 0                  6.0 GiB free of 8.0 GiB, CPUs 0-1\n  node 1                  4.0 GiB free of 4.0 GiB, CPUs none",
+		"KSM\n  ksmd                    run=1 (running), 100 pages every 20 ms",
+		"merged                  510 pages into 2",
+		"merge_across_nodes      1",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, b.String())
+		}
+	}
+	b.Reset()
+	if err := renderProbe(&b, sampleFacts()); err != nil || !strings.Contains(b.String(), "KSM\n  (absent)") {
+		t.Errorf("a kernel without KSM: %v\n%s", err, b.String())
+	}
 	if err := renderProbe(failingWriter{}, sampleFacts()); err == nil {
 		t.Error("renderProbe hid a write error")
 	}

@@ -18,6 +18,7 @@ type FakeHost struct {
 	OvercommitRatio string
 	CapEff          string            // CapEff of /proc/self/status, in hex
 	NUMA            map[string]string // node directory ("node0") to its meminfo
+	KSM             map[string]string // /sys/kernel/mm/ksm's files to their contents; nil for a kernel without KSM
 }
 
 // DefaultFakeHost is the development machine: 24 GiB, 20 GiB available,
@@ -62,6 +63,9 @@ func (h FakeHost) FS() fstest.MapFS {
 			}
 			m[dir+f] = file(strconv.Itoa(v) + "\n")
 		}
+	}
+	for name, v := range h.KSM {
+		m["sys/kernel/mm/ksm/"+name] = file(v + "\n")
 	}
 	for name, meminfo := range h.NUMA {
 		m["sys/devices/system/node/"+name+"/meminfo"] = file(meminfo)

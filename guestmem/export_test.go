@@ -1,0 +1,4 @@
+package guestmem
+
+// WithNodeRoot is withNodeRoot, for the external tests.
+var WithNodeRoot = withNodeRoot
