@@ -166,7 +166,10 @@ func TestMigratePreCopy(t *testing.T) {
 			got := receive(t, recv, guestmem.WithMemfd())
 			var rounds []guestmem.RoundStats
 			st, err := src.Migrate(context.Background(), send, guestmem.MigrateOptions{
-				Pause: k.Pause, Resume: k.Resume, Compress: tc.compress, MaxDowntime: 50 * time.Millisecond,
+				// A generous target, and stop-and-copy at the limit: this test
+				// is about what arrives, and the machine may be busy.
+				Pause: k.Pause, Resume: k.Resume, Compress: tc.compress, MaxDowntime: 500 * time.Millisecond,
+				MaxRounds: 10, OnLimit: guestmem.StopAndCopy,
 				Progress: func(rs guestmem.RoundStats) { rounds = append(rounds, rs) },
 			})
 			require.NoError(t, err)
@@ -304,7 +307,7 @@ func TestMigrateCutConnection(t *testing.T) {
 			cut := &cutConn{Conn: send[0].(net.Conn)}
 			cut.left.Store(1 << 40)
 			o := guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume, MaxDowntime: 200 * time.Millisecond,
-				IOTimeout: 2 * time.Second}
+				IOTimeout: 2 * time.Second, OnLimit: guestmem.StopAndCopy}
 			switch phase {
 			case "hello":
 				cut.left.Store(10)
@@ -347,7 +350,7 @@ func TestMigrateCutConnection(t *testing.T) {
 			// And it migrates afterwards.
 			send, recv = tcpPairs(t, 1)
 			got = receive(t, recv)
-			_, err = src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume})
+			_, err = src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume, OnLimit: guestmem.StopAndCopy})
 			require.NoError(t, err)
 			r = <-got
 			require.NoError(t, r.err)
@@ -379,7 +382,7 @@ func TestMigrateReceiverError(t *testing.T) {
 	send, recv := tcpPairs(t, 1)
 	flip := &flipConn{Conn: recv[0].(net.Conn), at: 2 << 20}
 	got := receive(t, []io.ReadWriter{flip})
-	_, err := src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume})
+	_, err := src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume, OnLimit: guestmem.StopAndCopy})
 	require.ErrorIs(t, err, guestmem.ErrMigrationProtocol)
 	require.ErrorContains(t, err, "checksum")
 	r := <-got
@@ -408,7 +411,7 @@ func (c *flipConn) Read(p []byte) (int, error) {
 func TestMigrateCancelAndBadInput(t *testing.T) {
 	src, pages := migSource(t)
 	k := startTicker(t, src, pages)
-	_, err := src.Migrate(context.Background(), nil, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume})
+	_, err := src.Migrate(context.Background(), nil, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume, OnLimit: guestmem.StopAndCopy})
 	require.ErrorIs(t, err, guestmem.ErrBadOption)
 	send, _ := tcpPairs(t, 1)
 	_, err = src.Migrate(context.Background(), send, guestmem.MigrateOptions{})
@@ -417,7 +420,7 @@ func TestMigrateCancelAndBadInput(t *testing.T) {
 	// A receiver that never answers, and a cancelled context.
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	_, err = src.Migrate(ctx, send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume})
+	_, err = src.Migrate(ctx, send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume, OnLimit: guestmem.StopAndCopy})
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.Zero(t, k.paused.Load())
 
@@ -428,7 +431,7 @@ func TestMigrateCancelAndBadInput(t *testing.T) {
 	_, err = src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: func(ctx context.Context) error {
 		_, hotErr = src.AddRegion(guestmem.RegionSpec{GPA: 128 * mib, Size: 2 * mib})
 		return k.Pause(ctx)
-	}, Resume: k.Resume})
+	}, Resume: k.Resume, OnLimit: guestmem.StopAndCopy})
 	require.NoError(t, err)
 	require.ErrorIs(t, hotErr, guestmem.ErrMigrating)
 	require.NoError(t, (<-got).err)

@@ -61,15 +61,16 @@ type zstdWriter struct {
 
 func newZstdWriter(n uint64) *zstdWriter {
 	f := zstdFrames(n)
-	return &zstdWriter{frame: make([]byte, 0, zstdFrame), payload: make([]byte, 4*f, 4*f+n/2)}
+	// A record shorter than a frame (a lone dirty page) gets a buffer its size.
+	return &zstdWriter{frame: make([]byte, 0, min(n, zstdFrame)), payload: make([]byte, 4*f, 4*f+n/2)}
 }
 
 func (z *zstdWriter) Write(b []byte) (int, error) {
 	for n := 0; n < len(b); {
-		k := copy(z.frame[len(z.frame):zstdFrame], b[n:])
+		k := copy(z.frame[len(z.frame):cap(z.frame)], b[n:])
 		z.frame = z.frame[:len(z.frame)+k]
 		n += k
-		if len(z.frame) == zstdFrame {
+		if len(z.frame) == cap(z.frame) {
 			z.cut()
 		}
 	}
