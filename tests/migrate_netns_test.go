@@ -238,7 +238,7 @@ func TestMigrateBetweenNamespaces(t *testing.T) {
 		var rounds []guestmem.RoundStats
 		st, err := src.Migrate(context.Background(), dialConns(t, l), guestmem.MigrateOptions{
 			Pause: c.Pause, Resume: c.Resume, MaxDowntime: 300 * time.Millisecond, IOTimeout: 5 * time.Second,
-			OnLimit: guestmem.StopAndCopy, // the machine may be busy: never fail the test on convergence
+			OnLimit:  guestmem.StopAndCopy, // the machine may be busy: never fail the test on convergence
 			Progress: func(rs guestmem.RoundStats) { rounds = append(rounds, rs) }})
 		require.NoError(t, err)
 		for _, rs := range rounds {
