@@ -361,3 +361,6 @@ func TestMigrateReceiverProcess(t *testing.T) {
 	require.NoError(t, c.Resume())
 	fmt.Println("counters", ok)
 }
+
+func netListen() (net.Listener, error)      { return net.Listen("tcp", "127.0.0.1:0") }
+func netDial(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }
