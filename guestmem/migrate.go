@@ -79,6 +79,15 @@ type MigrateOptions struct {
 	IOTimeout time.Duration
 	// Progress, if set, is called after every round.
 	Progress func(RoundStats)
+	// PostCopy switches over early: after PostCopyAfter rounds (0: right
+	// after the first pass), or sooner if the rounds converge or reach a
+	// limit, the guest is paused and, instead of its last dirty pages, the
+	// list of them is sent; the destination runs the guest at once and
+	// fetches them on fault while the rest is pushed (docs/migration.md).
+	// A connection lost after the switchover is ErrPostCopyLost, and the
+	// source is then not resumed: the guest's state is split.
+	PostCopy      bool
+	PostCopyAfter int
 }
 
 // RoundStats describes one round of a migration.
@@ -112,6 +121,9 @@ type MigrateStats struct {
 	Bytes     int64         // bytes sent on all connections
 	DataBytes uint64        // guest bytes sent as data, over all rounds
 	Populated uint64        // guest bytes the first pass sent: what a Save would
+	// PostCopyBytes is what post-copy pushed after the switchover (PostCopy);
+	// Downtime is then the time from Pause to the destination's taking over.
+	PostCopyBytes uint64
 }
 
 // stripeSize is the unit in which guest memory is shared among the
@@ -178,14 +190,14 @@ func readHello(r io.Reader) (hello, error) {
 // ack frames: magic, round u32, status u32, text length u32, crc u32 of
 // the frame and the text, then the text (an error message).
 func ackFrame(round uint32, err error) []byte {
-	var text []byte
-	status := uint32(ackOK)
 	if err != nil {
-		status, text = ackError, []byte(err.Error())
-		if len(text) > maxAckText {
-			text = text[:maxAckText]
-		}
+		text := []byte(err.Error())
+		return frame(round, ackError, text[:min(len(text), maxAckText)])
 	}
+	return frame(round, ackOK, nil)
+}
+
+func frame(round, status uint32, text []byte) []byte {
 	b := make([]byte, ackSize, ackSize+len(text))
 	le := binary.LittleEndian
 	copy(b, ackMagic)
@@ -197,28 +209,30 @@ func ackFrame(round uint32, err error) []byte {
 	return b
 }
 
-// readAck reads an acknowledgement and returns its round.
-func readAck(r io.Reader) (uint32, error) {
+// readAck reads an acknowledgement and returns its round and status (ok,
+// or a post-copy request).
+func readAck(r io.Reader) (uint32, uint32, error) {
 	b := make([]byte, ackSize)
 	if _, err := io.ReadFull(r, b); err != nil {
-		return 0, fmt.Errorf("waiting for the receiver: %w", err)
+		return 0, 0, fmt.Errorf("waiting for the receiver: %w", err)
 	}
 	le := binary.LittleEndian
 	n := le.Uint32(b[16:])
 	if string(b[:8]) != ackMagic || n > maxAckText {
-		return 0, fmt.Errorf("%w: bad acknowledgement", ErrMigrationProtocol)
+		return 0, 0, fmt.Errorf("%w: bad acknowledgement", ErrMigrationProtocol)
 	}
 	b = append(b, make([]byte, n)...)
 	if _, err := io.ReadFull(r, b[ackSize:]); err != nil {
-		return 0, fmt.Errorf("waiting for the receiver: %w", err)
+		return 0, 0, fmt.Errorf("waiting for the receiver: %w", err)
 	}
 	if blockCRC(b, 20) != le.Uint32(b[20:]) {
-		return 0, fmt.Errorf("%w: acknowledgement checksum", ErrMigrationProtocol)
+		return 0, 0, fmt.Errorf("%w: acknowledgement checksum", ErrMigrationProtocol)
 	}
-	if le.Uint32(b[12:]) != ackOK {
-		return 0, fmt.Errorf("%w: the receiver failed: %s", ErrMigrationProtocol, b[ackSize:])
+	switch st := le.Uint32(b[12:]); st {
+	case ackOK, ackRequest:
+		return le.Uint32(b[8:]), st, nil
 	}
-	return le.Uint32(b[8:]), nil
+	return 0, 0, fmt.Errorf("%w: the receiver failed: %s", ErrMigrationProtocol, b[ackSize:])
 }
 
 // finBlock ends a stream: the parts it carried.
@@ -289,14 +303,15 @@ func unblockOnDone(ctx context.Context, conns []io.ReadWriter) func() bool {
 // receiver's acknowledgements as they come, so an error it reports stops
 // the writes at once, rather than after a timeout.
 type stream struct {
-	rw     *deadlineConn
-	w      *bufio.Writer
-	acks   chan ackResult
-	done   chan struct{} // the reader has stopped
-	index  int
-	lastID [16]byte
-	parts  uint32
-	bytes  int64
+	rw       *deadlineConn
+	w        *bufio.Writer
+	acks     chan ackResult
+	requests chan int      // post-copy: units the receiver asks for
+	done     chan struct{} // the reader has stopped
+	index    int
+	lastID   [16]byte
+	parts    uint32
+	bytes    int64
 }
 
 type ackResult struct {
@@ -310,7 +325,11 @@ func (s *stream) readAcks() {
 	for {
 		// The raw connection: no deadline while the sender is still
 		// writing, which can take long on a slow link (ack bounds the wait).
-		round, err := readAck(s.rw.rw)
+		round, status, err := readAck(s.rw.rw)
+		if err == nil && status == ackRequest {
+			s.requests <- int(round)
+			continue
+		}
 		s.acks <- ackResult{round, err}
 		if err != nil {
 			s.rw.abort()
@@ -444,9 +463,9 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 		}
 		return d, err
 	}
-	paused := false
+	paused, switched := false, false
 	defer func() {
-		if err != nil && paused {
+		if err != nil && paused && !switched {
 			err = errors.Join(err, o.Resume())
 		}
 		if started {
@@ -475,7 +494,7 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 	for i, c := range conns {
 		dc := &deadlineConn{rw: c, timeout: o.IOTimeout}
 		streams[i] = &stream{rw: dc, w: bufio.NewWriterSize(dc, 1<<20), index: i, acks: make(chan ackResult, 4),
-			done: make(chan struct{})}
+			requests: make(chan int, 1024), done: make(chan struct{})}
 		go streams[i].readAcks()
 		defer streams[i].stop()
 		h := hello{id: id, streams: uint32(len(conns)), index: uint32(i), stripe: stripeSize}
@@ -536,6 +555,10 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 		}
 		converged := rs.Downtime <= o.MaxDowntime
 		limit := n > o.MaxRounds || o.MaxDuration > 0 && time.Since(start) > o.MaxDuration
+		if o.PostCopy && (converged || limit || n > o.PostCopyAfter) {
+			st.Converged = converged
+			return m.switchOver(ctx, streams, o, &st, d, n, start, collect, &paused, &switched)
+		}
 		if !converged && limit && o.OnLimit == GiveUp {
 			return st, fmt.Errorf("%w after %d rounds in %v: %d dirty bytes left would take %v at %.0f MB/s, the target is %v",
 				ErrNoConvergence, n-1, time.Since(start).Round(time.Millisecond), d.Bytes(), rs.Downtime,
@@ -582,6 +605,65 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 			return st, err
 		}
 	}
+}
+
+// switchOver pauses the guest and switches to post-copy: the last dirty
+// set goes as a list of units on stream 0 (the others end), and the units'
+// data is then pushed there, requested ones first. It returns once the
+// receiver has every unit.
+func (m *Memory) switchOver(ctx context.Context, streams []*stream, o MigrateOptions, st *MigrateStats, d *DirtySet,
+	n int, start time.Time, collect func() (*DirtySet, error), paused, switched *bool) (MigrateStats, error) {
+	pauseAt := time.Now()
+	if err := o.Pause(ctx); err != nil {
+		return *st, fmt.Errorf("pausing the guest: %w", err)
+	}
+	*paused = true
+	last, err := collect()
+	if err != nil {
+		return *st, err
+	}
+	last.merge(d)
+	t, err := m.acquire("Migrate")
+	if err != nil {
+		return *st, err
+	}
+	units := postCopyUnits(t.regions, last, max(fillUnit, m.pageSize))
+	t.release()
+	if err := parallel(streams[1:], func(s *stream) error {
+		if _, err := s.w.Write(finBlock(s.parts)); err != nil {
+			return s.failed(err)
+		}
+		if err := s.w.Flush(); err != nil {
+			return s.failed(err)
+		}
+		return s.ack(finRound)
+	}); err != nil {
+		return *st, ctxFirst(ctx, err)
+	}
+	s := streams[0]
+	if _, err := s.w.Write(pcopyBlock(units)); err != nil {
+		return *st, s.failed(err)
+	}
+	if err := s.w.Flush(); err != nil {
+		return *st, s.failed(err)
+	}
+	if err := s.ack(s.parts); err != nil { // the destination runs the guest from here
+		return *st, ctxFirst(ctx, err)
+	}
+	*switched = true
+	st.Downtime = time.Since(pauseAt)
+	if o.Progress != nil {
+		o.Progress(RoundStats{Round: n, Paused: true, Pages: last.Pages(), Duration: st.Downtime})
+	}
+	bytes, err := m.sendPostCopy(ctx, s, units)
+	st.Bytes += bytes
+	if err != nil {
+		return *st, fmt.Errorf("%w: %w", ErrPostCopyLost, ctxFirst(ctx, err))
+	}
+	st.Rounds = n
+	st.PostCopyBytes = uint64(bytes)
+	st.Total = time.Since(start)
+	return *st, nil
 }
 
 // ctxFirst prefers ctx's error to the I/O error its cancellation caused.
@@ -703,6 +785,12 @@ func (m *Memory) sendRound(ctx context.Context, streams []*stream, compress bool
 type ReceiveStats struct {
 	Parts     int    // snapshot parts applied, over all connections
 	DataBytes uint64 // guest bytes received as data
+	// PostCopy is set when the sender switched to post-copy: the memory is
+	// then returned before all of it is here, served by userfaultfd while
+	// the sender pushes the rest (PostCopy.Wait says when it is all in; a
+	// connection lost meanwhile fails it with ErrPostCopyLost, and the
+	// pages that did not arrive are fenced off, never read as zeros).
+	PostCopy *OnDemand
 }
 
 // ReceiveMigration is the receiving side of Migrate: it reads the streams
@@ -808,11 +896,40 @@ func ReceiveMigration(ctx context.Context, conns []io.ReadWriter, opts ...Option
 		}()
 	}
 	wg.Wait()
+	var sw *switchover
+	if errors.As(errs[0], &sw) {
+		errs[0] = nil
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, rs, err
 	}
+	if sw != nil {
+		var x *in
+		for _, y := range ins {
+			if y.h.index == 0 {
+				x = y
+			}
+		}
+		if mem == nil {
+			return nil, rs, fmt.Errorf("%w: a post-copy switchover before any memory", ErrMigrationProtocol)
+		}
+		od, err := startPostCopy(mem, sw.units, x.r, x.rw, sw.parts, nil)
+		if err != nil {
+			return nil, rs, err
+		}
+		rs.PostCopy = od
+	}
 	return mem, rs, nil
 }
+
+// switchover is how receiveStream reports that stream 0 switched to
+// post-copy.
+type switchover struct {
+	units []Span
+	parts uint32
+}
+
+func (*switchover) Error() string { return "post-copy switchover" }
 
 // receiveStream applies the parts of one stream until its FIN block.
 func receiveStream(ctx context.Context, r *bufio.Reader, w io.Writer, index int,
@@ -827,6 +944,16 @@ func receiveStream(ctx context.Context, r *bufio.Reader, w io.Writer, index int,
 		magic, err := r.Peek(8)
 		if err != nil {
 			return fmt.Errorf("stream %d: %w", index, err)
+		}
+		if string(magic) == pcopyMagic {
+			if index != 0 {
+				return fmt.Errorf("%w: a post-copy switchover on stream %d", ErrMigrationProtocol, index)
+			}
+			units, err := readPcopy(r)
+			if err != nil {
+				return err
+			}
+			return &switchover{units: units, parts: parts}
 		}
 		if string(magic) == finMagic {
 			b := make([]byte, blockSize)

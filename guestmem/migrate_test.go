@@ -453,3 +453,97 @@ func (c *slowConn) Write(p []byte) (int, error) {
 	time.Sleep(time.Duration(float64(len(p)) / c.rate * float64(time.Second)))
 	return c.Conn.Write(p)
 }
+
+// Post-copy: the destination takes over at once after the first pass, and
+// the guest runs there while the last dirty pages arrive, fetched on touch
+// or pushed.
+func TestMigratePostCopy(t *testing.T) {
+	src, pages := migSource(t)
+	k := startTicker(t, src, pages)
+	send, recv := tcpPairs(t, 2)
+	got := receive(t, recv)
+	st, err := src.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k.Pause, Resume: k.Resume,
+		PostCopy: true})
+	require.NoError(t, err)
+	r := <-got
+	require.NoError(t, r.err)
+	require.NotNil(t, r.rs.PostCopy, "the receiver switched to post-copy")
+	require.Zero(t, k.resumed.Load())
+	require.NotZero(t, st.PostCopyBytes, "the last dirty pages came after the switchover")
+	require.NoError(t, r.rs.PostCopy.Wait(context.Background()))
+	require.True(t, bytes.Equal(image(t, src), image(t, r.m)), "every page arrived")
+
+	// Again, with the destination's guest running while the pages stream in.
+	src2, pages2 := migSource(t)
+	k2 := startTicker(t, src2, pages2)
+	send, recv = tcpPairs(t, 1)
+	got = receive(t, recv)
+	var dst *guestmem.Memory
+	var od *guestmem.OnDemand
+	var before []uint64
+	done := make(chan error, 1)
+	go func() {
+		_, err := src2.Migrate(context.Background(), send, guestmem.MigrateOptions{Pause: k2.Pause, Resume: k2.Resume,
+			PostCopy: true})
+		done <- err
+	}()
+	r = <-got
+	require.NoError(t, r.err)
+	dst, od = r.m, r.rs.PostCopy
+	require.NotNil(t, od)
+	k3 := startTicker(t, dst, pages2) // reads fetch each page from the source as needed
+	require.NoError(t, <-done)
+	require.NoError(t, od.Wait(context.Background()))
+	require.NoError(t, k3.Pause(context.Background()))
+	p := od.Progress()
+	t.Logf("post-copy: %d units, %d fetched for the host, %d pushed", p.DataBytes/(256<<10), p.HostFetched, p.DataBytes)
+	for _, a := range pages2 {
+		v, err := src2.ReadUint64(a)
+		require.NoError(t, err)
+		before = append(before, v)
+		w, err := dst.ReadUint64(a)
+		require.NoError(t, err)
+		require.GreaterOrEqual(t, w, v, "the counter at %v went on from the source's", a)
+	}
+	// Pages the guest does not touch are the source's.
+	a, b := image(t, src2), image(t, dst)
+	for _, pg := range pages2 {
+		copy(a[pg:pg+8], b[pg:pg+8])
+	}
+	require.True(t, bytes.Equal(a, b))
+	_ = before
+}
+
+// A connection lost after the switchover fails both sides: the source is
+// not resumed (the state is split), and the destination fences off what did
+// not arrive.
+func TestMigratePostCopyLost(t *testing.T) {
+	src, pages := migSource(t)
+	k := startTicker(t, src, pages)
+	send, recv := tcpPairs(t, 1)
+	cut := &cutConn{Conn: send[0].(net.Conn)}
+	cut.left.Store(1 << 40)
+	got := receive(t, recv)
+	_, err := src.Migrate(context.Background(), []io.ReadWriter{cut}, guestmem.MigrateOptions{
+		Pause: k.Pause, Resume: k.Resume, PostCopy: true, IOTimeout: 2 * time.Second,
+		Progress: func(rs guestmem.RoundStats) {
+			if rs.Paused {
+				cut.left.Store(300 << 10) // a unit or so after the switchover
+			}
+		}})
+	require.ErrorIs(t, err, guestmem.ErrPostCopyLost)
+	require.Zero(t, k.resumed.Load(), "the source is not resumed")
+	r := <-got
+	require.NoError(t, r.err, "the destination had taken over")
+	werr := r.rs.PostCopy.Wait(context.Background())
+	require.ErrorIs(t, werr, guestmem.ErrPostCopyLost)
+	require.ErrorIs(t, werr, guestmem.ErrRestoreFailed)
+	lost := 0
+	for _, a := range pages {
+		if _, err := r.m.ReadUint64(a); err != nil {
+			require.ErrorIs(t, err, guestmem.ErrRestoreFailed)
+			lost++
+		}
+	}
+	require.NotZero(t, lost, "what did not arrive is an error, not zeros")
+}

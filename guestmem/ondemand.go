@@ -120,6 +120,11 @@ type OnDemand struct {
 	workers  sync.WaitGroup
 	onFail   func(error)
 
+	// fetchFn, if set, fetches a cluster in place of the snapshot records
+	// (post-copy: from the migration source).
+	fetchFn  func(c *cluster, buf []byte, sub []bool) error
+	postCopy bool
+
 	wsLeft   atomic.Int64  // working-set clusters not yet filled
 	wsDone   chan struct{} // closed when wsLeft reaches 0
 	wsClosed sync.Once
@@ -486,9 +491,7 @@ func (od *OnDemand) fillLoop() {
 		}
 		c.mu.Lock()
 		if c.state.Load() == clusterMissing {
-			if n, err := od.fill(c); err == nil {
-				od.prefetched.Add(n)
-			}
+			_, _ = od.fill(c, &od.prefetched) // a failure fails the restore
 		}
 		od.unlock(c)
 	}
@@ -534,7 +537,7 @@ func (od *OnDemand) handle(ev uffd.Event) error {
 	}
 	fetched := false
 	if c.state.Load() == clusterMissing {
-		_, err := od.fill(c)
+		_, err := od.fill(c, nil)
 		fetched = err == nil
 	}
 	state := c.state.Load()
@@ -543,7 +546,6 @@ func (od *OnDemand) handle(ev uffd.Event) error {
 		return od.wakePage(ev)
 	}
 	if fetched {
-		od.fetches.Add(1)
 		od.noteLatency(time.Since(start))
 	}
 	return od.zeroPage(ev) // a page without data in c; ErrPresent (it has data) is success
@@ -583,15 +585,23 @@ func (od *OnDemand) noteLatency(d time.Duration) {
 // fill fetches c's records, checks them, and installs its pages: the caller
 // holds c.mu and has seen c missing. It returns the data bytes installed. On
 // failure the restore fails and c is fenced off (see lost).
-func (od *OnDemand) fill(c *cluster) (uint64, error) {
+//
+// bytes, if not nil, counts the data bytes installed; nil counts a fault
+// that fetched. Either is counted before the waiters are woken, so what
+// they see next in Progress includes it.
+func (od *OnDemand) fill(c *cluster, bytes *atomic.Uint64) (uint64, error) {
 	if err := od.fillCtx.Err(); err != nil {
 		return 0, od.lost(c, fmt.Errorf("%w: %w", ErrRestoreFailed, od.cause(err)))
 	}
 	buf := od.buffer(c.n)
 	defer od.bufs.Put(&buf)
 	sub := make([]bool, c.n/dirtyPage) // which 4 KiB pages hold data
-	if err := od.fetch(c, buf, sub); err != nil {
-		err = fmt.Errorf("guestmem: RestoreOnDemand: %w: guest memory [%v, +%#x): %w", ErrRestoreFailed, c.gpa, c.n, err)
+	fetch := od.fetch
+	if od.fetchFn != nil {
+		fetch = od.fetchFn
+	}
+	if err := fetch(c, buf, sub); err != nil {
+		err = fmt.Errorf("guestmem: %s: %w: guest memory [%v, +%#x): %w", od.op(), ErrRestoreFailed, c.gpa, c.n, err)
 		od.fail(err)
 		return 0, od.lost(c, err)
 	}
@@ -627,6 +637,11 @@ func (od *OnDemand) fill(c *cluster) (uint64, error) {
 	}
 	c.state.Store(clusterDone)
 	od.resident.Add(c.n)
+	if bytes != nil {
+		bytes.Add(n)
+	} else {
+		od.fetches.Add(1)
+	}
 	if c.inWS && od.wsLeft.Add(-1) == 0 {
 		od.wsClose()
 	}
@@ -703,6 +718,14 @@ func (od *OnDemand) buffer(n uint64) []byte {
 		return b
 	}
 	return make([]byte, n)
+}
+
+// op names the operation in errors.
+func (od *OnDemand) op() string {
+	if od.postCopy {
+		return "ReceiveMigration (post-copy)"
+	}
+	return "RestoreOnDemand"
 }
 
 // fetch composes c's contents in buf — zeros, then each record in chain
@@ -910,9 +933,7 @@ func (od *OnDemand) Fill(ctx context.Context) error {
 		}
 		c.mu.Lock()
 		if c.state.Load() == clusterMissing {
-			if n, err := od.fill(c); err == nil {
-				od.hostFetched.Add(n)
-			}
+			_, _ = od.fill(c, &od.hostFetched)
 		}
 		state := c.state.Load()
 		od.unlock(c)
@@ -1002,9 +1023,7 @@ func (od *OnDemand) ensure(op string, a GuestAddress, n uint64, write bool) erro
 		if c.state.Load() == clusterMissing {
 			c.mu.Lock()
 			if c.state.Load() == clusterMissing {
-				if k, err := od.fill(c); err == nil {
-					od.hostFetched.Add(k)
-				}
+				_, _ = od.fill(c, &od.hostFetched)
 			}
 			od.unlock(c)
 		}

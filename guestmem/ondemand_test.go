@@ -265,7 +265,7 @@ func TestRestoreOnDemandReadsLittleUpFront(t *testing.T) {
 	require.Equal(t, want[1*mib+8192:1*mib+8192+8], got)
 	read := src.bytes.Load() - before
 	require.LessOrEqual(t, read, int64(2*256<<10), "one fault read %d bytes: its unit's records, base and increment", read)
-	require.Equal(t, uint64(1), od.Progress().FaultFetches)
+	require.Equal(t, uint64(1), od.Progress().FaultFetches, "one fault fetched (counted before the reader is woken)")
 }
 
 func TestRestoreOnDemandFailingSource(t *testing.T) {
