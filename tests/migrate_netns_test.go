@@ -296,6 +296,19 @@ func TestMigrateBetweenNamespaces(t *testing.T) {
 		require.NoError(t, c.Resume())
 	})
 
+	t.Run("post-copy over the shaped link", func(t *testing.T) {
+		r := startReceiver(t, l)
+		st, err := src.Migrate(context.Background(), dialConns(t, l), guestmem.MigrateOptions{
+			Pause: c.Pause, Resume: c.Resume, PostCopy: true, IOTimeout: 5 * time.Second})
+		require.NoError(t, err)
+		t.Logf("post-copy: switchover after %v of pause, %d bytes pushed after it, total %v", st.Downtime,
+			st.PostCopyBytes, st.Total)
+		r.expect(t, "post-copy: running")
+		require.Equal(t, fmt.Sprintf("%08x", imageCRC(t, src)), r.expect(t, "received crc"))
+		require.NoError(t, <-r.done)
+		require.NoError(t, c.Resume())
+	})
+
 	t.Run("no convergence under the shaped link", func(t *testing.T) {
 		run1(t, "tc", "qdisc", "change", "dev", l.host, "root", "tbf", "rate", "40mbit", "burst", "64kb", "latency",
 			"100ms")
@@ -336,6 +349,13 @@ func TestMigrateReceiverProcess(t *testing.T) {
 		os.Exit(2)
 	}
 	defer m.Close()
+	if rs.PostCopy != nil {
+		fmt.Println("post-copy: running before the last pages are here")
+		if err := rs.PostCopy.Wait(context.Background()); err != nil {
+			fmt.Println("post-copy error:", err)
+			os.Exit(4)
+		}
+	}
 	fmt.Printf("received parts %d data %d\n", rs.Parts, rs.DataBytes)
 	fmt.Printf("received crc %08x\n", imageCRC(t, m))
 	// Continue the guest: its counters go on from where they were.
