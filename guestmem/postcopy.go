@@ -200,6 +200,8 @@ type incoming struct {
 	pushed map[int32][]byte      // units that arrived before anyone needed them
 	wait   map[int32]chan []byte // units a fill waits for
 	asked  map[int32]bool        // units requested
+	seen   map[int32]bool        // units received
+	got    int                   // len(seen)
 	failed chan struct{}         // closed when the stream fails
 	err    error                 // why (set before failed is closed)
 }
@@ -251,6 +253,10 @@ func (in *incoming) take(d []byte, buf []byte, sub []bool) error {
 // installs it now if nobody is filling it.
 func (in *incoming) deliver(idx int32, d []byte) {
 	in.pmu.Lock()
+	if !in.seen[idx] {
+		in.seen[idx] = true
+		in.got++
+	}
 	if ch, ok := in.wait[idx]; ok {
 		delete(in.wait, idx)
 		in.pmu.Unlock()
@@ -285,6 +291,14 @@ func (in *incoming) readData(r *bufio.Reader, w io.Writer, parts uint32) error {
 			}
 			if blockCRC(b, 12) != le.Uint32(b[12:]) || le.Uint32(b[8:]) != parts {
 				return fmt.Errorf("%w: bad FIN block after post-copy", ErrMigrationProtocol)
+			}
+			in.pmu.Lock()
+			got := in.got
+			in.pmu.Unlock()
+			if got != len(in.od.clusters) {
+				// A fill waiting for a unit that will never come would hang.
+				return fmt.Errorf("%w: FIN after %d of %d post-copy units", ErrMigrationProtocol, got,
+					len(in.od.clusters))
 			}
 			if err := in.od.Fill(context.Background()); err != nil { // everything arrived: install what is left
 				return err
@@ -359,7 +373,7 @@ func startPostCopy(m *Memory, units []Span, r *bufio.Reader, w io.Writer, parts 
 		}
 	}
 	t.release()
-	in := &incoming{od: od, w: w, pushed: map[int32][]byte{}, wait: map[int32]chan []byte{}, asked: map[int32]bool{},
+	in := &incoming{od: od, w: w, pushed: map[int32][]byte{}, wait: map[int32]chan []byte{}, asked: map[int32]bool{}, seen: map[int32]bool{},
 		failed: make(chan struct{})}
 	od.fetchFn = in.fetch
 	if err := od.start(OnDemandOptions{Fillers: -1}); err != nil {
