@@ -742,6 +742,10 @@ func (m *Memory) sendRound(ctx context.Context, streams []*stream, compress bool
 		spans = dirty.spans
 	}
 	return parallel(streams, func(s *stream) error {
+		// The connection's Write runs holding t: what would wait for the
+		// table (Close, hotplug) fails with ErrReentered instead.
+		m.inCallback.Enter("Migrate")
+		defer m.inCallback.Leave()
 		h := snapHeader{regions: layout}
 		if compress {
 			h.version = SnapshotVersionCompressed

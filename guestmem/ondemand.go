@@ -31,7 +31,9 @@ var ErrRestoreFailed = errors.New("on-demand restore failed")
 // the memory is fully resident (OnDemand.Wait).
 var ErrRestoring = errors.New("on-demand restore in progress")
 
-// ReaderAtContext is an io.ReaderAt that can be cancelled: RestoreOnDemand
+// ReaderAtContext is an io.ReaderAt that can be cancelled. A source's reads
+// run while the restore holds the unit being filled: they must not touch
+// the Memory being restored (what would wait returns ErrReentered). RestoreOnDemand
 // uses ReadAtContext when a source has it, so a cancelled restore (or Close)
 // does not wait for a slow read — a network fetch — to finish.
 type ReaderAtContext interface {
@@ -600,7 +602,17 @@ func (od *OnDemand) fill(c *cluster, bytes *atomic.Uint64) (uint64, error) {
 	if od.fetchFn != nil {
 		fetch = od.fetchFn
 	}
-	if err := fetch(c, buf, sub); err != nil {
+	// The source's ReadAt runs holding c (and, for a host access, the
+	// region table): a call from it that would wait for the table fails
+	// with ErrReentered rather than deadlocking.
+	if od.m != nil {
+		od.m.inCallback.Enter(od.op())
+	}
+	err := fetch(c, buf, sub)
+	if od.m != nil {
+		od.m.inCallback.Leave()
+	}
+	if err != nil {
 		err = fmt.Errorf("guestmem: %s: %w: guest memory [%v, +%#x): %w", od.op(), ErrRestoreFailed, c.gpa, c.n, err)
 		od.fail(err)
 		return 0, od.lost(c, err)

@@ -123,6 +123,8 @@ func (m *Memory) sendPostCopy(ctx context.Context, s *stream, units []Span) (int
 		return 0, err
 	}
 	defer t.release()
+	m.inCallback.Enter("Migrate") // the connection's Write runs holding t
+	defer m.inCallback.Leave()
 	sent := make([]bool, len(units))
 	var bytes int64
 	send := func(i int) error {
