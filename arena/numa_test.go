@@ -10,6 +10,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/internal/procfs"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 // numaMapsAt returns the numa_maps record of the memory area starting at
@@ -55,7 +56,7 @@ func TestSetNUMAPolicyNode0(t *testing.T) {
 			nm := numaMapsAt(t, m.Addr())
 			require.Equal(t, tc.word, nm.Policy, "numa_maps: %+v", nm)
 			require.Equal(t, map[int]int64{0: pages}, nm.Nodes, "numa_maps: %+v", nm)
-			require.Equal(t, 0, nodeOfPage(t, m.Addr()+uintptr(5*page)))
+			require.Equal(t, 0, testenv.NodeOfPage(t, m.Addr()+uintptr(5*page)))
 			nodes, err = m.PageNodes(0, pages*page)
 			require.NoError(t, err)
 			for i, n := range nodes {

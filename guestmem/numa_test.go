@@ -65,7 +65,7 @@ func TestWithNUMANode0(t *testing.T) {
 					policies, nodes := numaMapsOf(t, r)
 					require.Equal(t, []string{tc.word}, policies)
 					require.Equal(t, map[int]int64{0: int64(r.Size / page)}, nodes)
-					require.Equal(t, 0, nodeOfPage(t, r.HostAddr+uintptr(r.Size)-uintptr(page)))
+					require.Equal(t, 0, testenv.NodeOfPage(t, r.HostAddr+uintptr(r.Size)-uintptr(page)))
 				}
 				got, err := m.NodePages()
 				require.NoError(t, err)

@@ -1,4 +1,4 @@
-package guestmem_test
+package testenv
 
 import (
 	"testing"
@@ -7,10 +7,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// nodeOfPage asks the kernel which node the page at addr is on
+// NodeOfPage asks the kernel which NUMA node the page at addr is on
 // (get_mempolicy with MPOL_F_NODE|MPOL_F_ADDR), independently of the
-// package under test. The kernel faults the page in to answer.
-func nodeOfPage(t testing.TB, addr uintptr) int {
+// packages under test. The kernel faults the page in to answer.
+func NodeOfPage(t testing.TB, addr uintptr) int {
 	t.Helper()
 	var node int32
 	var mask [16]uint64
