@@ -57,9 +57,10 @@ func TestAddSlotConcurrent(t *testing.T) {
 	if len(vm.Slots()) != goroutines*each {
 		t.Fatalf("%d slots, want %d", len(vm.Slots()), goroutines*each)
 	}
-	// A bad slot is refused as by SetSlot, with AddSlot's name.
-	_, err := vm.AddSlot(kvm.Slot{GPA: 0, Size: 2 * mib, HostAddr: mem.Addr()})
-	wantSlotErr(t, "overlapping AddSlot", err, "AddSlot", 0, kvm.ErrSlotOverlap)
+	// A bad slot is refused as by SetSlot, with AddSlot's name and the
+	// number it would have had (the lowest free one), not the ignored s.ID.
+	_, err := vm.AddSlot(kvm.Slot{ID: 7, GPA: 0, Size: 2 * mib, HostAddr: mem.Addr()})
+	wantSlotErr(t, "overlapping AddSlot", err, "AddSlot", goroutines*each, kvm.ErrSlotOverlap)
 }
 
 // OnClose hooks run at the start of Close, in order, while the VM still
