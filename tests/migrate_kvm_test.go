@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -58,6 +59,8 @@ func machineWith(t *testing.T, m *guestmem.Memory, ring int) *guest.Machine {
 // bitmap and with the dirty ring: at switchover the destination's memory is
 // the source's at the pause, byte for byte, and the guest, given the
 // source's registers, finishes its sweeps there with every counter right.
+// The source's guest would sweep for years (so no host's speed ends it
+// before the pause); the destination's is told to stop after 50 more.
 func TestGuestMigratesAndCountsOn(t *testing.T) {
 	for _, ring := range []int{0, 64 << 10} {
 		name := "bitmap"
@@ -66,7 +69,7 @@ func TestGuestMigratesAndCountsOn(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			noLeaks(t)
-			const size, span, stride, sweeps = 16 * mib, 4 * mib, 64 << 10, 3000
+			const size, span, stride, sweeps, more = 16 * mib, 4 * mib, 64 << 10, 1 << 50, 50
 			src := newMem(t, guestmem.Layout{{GPA: 0, Size: size}}, guestmem.WithMemfd())
 			mach := machineWith(t, src, ring)
 			require.NoError(t, src.StartDirtyTracking())
@@ -74,11 +77,16 @@ func TestGuestMigratesAndCountsOn(t *testing.T) {
 			require.NoError(t, err)
 			require.NoError(t, mach.Start(at, kvm.Regs{RSI: 0, RDI: span, RBX: stride, RCX: sweeps}))
 			ran := make(chan error, 1)
+			var stopSource atomic.Bool
 			go func() {
 				for {
 					e, err := mach.CPU.Run()
 					if err != nil || e.Reason == kvm.ExitHLT {
 						ran <- err
+						return
+					}
+					if e.Reason == kvm.ExitIntr && stopSource.Load() {
+						ran <- nil
 						return
 					}
 					if e.Reason != kvm.ExitIntr {
@@ -117,6 +125,7 @@ func TestGuestMigratesAndCountsOn(t *testing.T) {
 			regs, err := mach.CPU.Regs()
 			require.NoError(t, err)
 			require.Greater(t, regs.RCX, uint64(0), "the guest was paused mid-sweep")
+			require.Less(t, regs.RCX, uint64(sweeps), "after its first sweep")
 			require.True(t, bytes.Equal(image(t, src), image(t, dst)), "destination = source at the pause")
 
 			// The guest continues on the destination.
@@ -124,15 +133,23 @@ func TestGuestMigratesAndCountsOn(t *testing.T) {
 			at2, err := mach2.LoadAsm(sweep())
 			require.NoError(t, err)
 			require.Equal(t, at, at2, "the program sits where it did on the source")
+			// Sweeps done at the pause (the one under way included), and then
+			// the current one finished and more-1 after it.
+			want := uint64(sweeps) - regs.RCX + more
+			regs.RCX = more
 			require.NoError(t, mach2.Start(at2, regs))
 			require.NoError(t, mach2.CPU.SetRegs(regs))
 			runToHalt(t, mach2.CPU)
 			for a := uint64(0); a < span; a += stride {
 				v, err := dst.ReadUint64(guestmem.GuestAddress(a))
 				require.NoError(t, err)
-				require.Equal(t, uint64(sweeps), v, "counter at %#x: every sweep counted once, across the move", a)
+				require.Equal(t, want, v, "counter at %#x: every sweep counted once, across the move", a)
 			}
-			mach.VM.Resume() // let the source finish, so its vCPU goroutine ends
+			// End the source's vCPU goroutine: a kick with no Run under way
+			// stops the next one at once.
+			stopSource.Store(true)
+			mach.CPU.Kick()
+			mach.VM.Resume()
 			require.NoError(t, <-ran)
 		})
 	}
