@@ -207,6 +207,9 @@ func e820Printed(out []byte) bool {
 		return false
 	}
 	lines := strings.Split(s[i:], "\n")
+	if len(lines) < 2 {
+		return false // the heading itself is not complete yet
+	}
 	for _, l := range lines[1 : len(lines)-1] {
 		if !e820Line.MatchString(l) {
 			return true
