@@ -45,7 +45,8 @@ func TestRunDemo(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &rep); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	if len(rep.Steps) != 9 || rep.Steps[1].Name != "register with KVM" || rep.Total <= 0 {
+	if len(rep.Steps) != 10 || rep.Steps[1].Name != "register with KVM" ||
+		rep.Steps[9].Name != "snapshot restore (userfaultfd)" || rep.Total <= 0 {
 		t.Fatalf("JSON report: %+v", rep)
 	}
 }
