@@ -27,8 +27,8 @@ import (
 // second process (this test binary re-executed) in a network namespace of
 // its own, reached over a veth pair whose bandwidth tc's tbf limits. A
 // goroutine stands in for the guest, incrementing a word in each page of a
-// working set through guestmem (the guest-code version of this test needs
-// /dev/kvm; see TestGuestChecksumsOnDemandRestore for the pattern).
+// working set through guestmem; TestGuestMigratesBetweenNamespaces is the
+// version with a real guest, on KVM.
 
 const (
 	migNetSize  = 64 * mib
@@ -42,7 +42,7 @@ type netLink struct {
 	hostIP, peerIP string
 }
 
-func run1(t *testing.T, args ...string) {
+func run1(t testing.TB, args ...string) {
 	t.Helper()
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
 	require.NoError(t, err, "%s: %s", strings.Join(args, " "), out)
@@ -50,7 +50,7 @@ func run1(t *testing.T, args ...string) {
 
 // newNetLink makes the namespace and the link, shaped to rate (tc tbf
 // syntax, e.g. "400mbit"), and removes them when t ends.
-func newNetLink(t *testing.T, rate string) *netLink {
+func newNetLink(t testing.TB, rate string) *netLink {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for network namespaces")
