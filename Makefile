@@ -6,7 +6,7 @@ BENCH_COUNT ?= 5
 FUZZTIME    ?= 20s
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: test fmt-check vet unit bench-smoke bench fuzz lint build demo bench-setup
+.PHONY: test fmt-check vet unit bench-smoke bench fuzz lint build demo bench-setup test-kvm-qemu
 
 test: fmt-check vet unit bench-smoke
 
@@ -25,6 +25,11 @@ unit:
 # Every benchmark once, so none of them rots.
 bench-smoke:
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
+
+# The KVM tests on a machine without /dev/kvm: in a QEMU VM (software
+# emulation, nested SVM) running Debian's kernel with kvm_amd.
+test-kvm-qemu:
+	bash .ci/kvm-in-qemu
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCH_COUNT) ./... | tee bench.out
