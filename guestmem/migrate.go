@@ -58,7 +58,10 @@ type MigrateOptions struct {
 	Resume func() error
 	// MaxDowntime is the target for the final, paused round: Migrate pauses
 	// once the dirty memory left would be sent within it at the bandwidth
-	// the last round measured (default 100 ms).
+	// the last round measured (default 100 ms). Within target, it first
+	// runs more rounds while each would at least halve the estimate (the
+	// guest dirties less than half the bandwidth) and the estimate is above
+	// an eighth of the target.
 	MaxDowntime time.Duration
 	// MaxRounds bounds the rounds after the first pass (default 30), and
 	// MaxDuration, if set, the time before the pause; OnLimit says what
@@ -553,8 +556,11 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 		if o.Progress != nil {
 			o.Progress(rs)
 		}
-		converged := rs.Downtime <= o.MaxDowntime
+		within := rs.Downtime <= o.MaxDowntime
 		limit := n > o.MaxRounds || o.MaxDuration > 0 && time.Since(start) > o.MaxDuration
+		// Within target, one more round may still shrink the pause; at a
+		// limit, within target is enough.
+		converged := within && (limit || !worthAnotherRound(rs, o.MaxDowntime))
 		if o.PostCopy && (converged || limit || n > o.PostCopyAfter) {
 			st.Converged = converged
 			return m.switchOver(ctx, streams, o, &st, d, n, start, collect, &paused, &switched)
@@ -605,6 +611,19 @@ func (m *Memory) Migrate(ctx context.Context, conns []io.ReadWriter, o MigrateOp
 			return st, err
 		}
 	}
+}
+
+// worthAnotherRound reports whether one more round while the guest runs
+// should come before the pause, though the estimated downtime is already
+// within target: the guest dirties less than half of what the link carries
+// (so the round would at least halve what the pause has to send) and the
+// estimate is still above an eighth of the target. It costs one estimate's
+// worth of total time, and the downtime shrinks by the same factor.
+func worthAnotherRound(rs RoundStats, target time.Duration) bool {
+	if rs.Downtime <= target/8 || rs.Throughput <= 0 {
+		return false
+	}
+	return rs.DirtyRate < rs.Throughput/2
 }
 
 // switchOver pauses the guest and switches to post-copy: the last dirty
