@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 // BenchmarkMigrate1GiB migrates a 1 GiB guest with half of it populated
@@ -99,31 +98,9 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 			var populated uint64
 			rounds := 0
 			for b.Loop() {
-				var paused atomic.Bool
-				stop := make(chan struct{})
-				var wg sync.WaitGroup
-				if rate > 0 {
-					wg.Add(1)
-					go func() { // the guest, dirtying rate pages a second
-						defer wg.Done()
-						tick := time.NewTicker(time.Millisecond)
-						defer tick.Stop()
-						var n uint64
-						for {
-							select {
-							case <-stop:
-								return
-							case <-tick.C:
-							}
-							for range max(1, rate/1000) {
-								if !paused.Load() {
-									_ = m.WriteUint64(guestmem.GuestAddress(n*4096*97%size), n)
-								}
-								n++
-							}
-						}
-					}()
-				}
+				d := testenv.StartDirtier(rate, size, func(gpa, n uint64) {
+					_ = m.WriteUint64(guestmem.GuestAddress(gpa), n)
+				})
 				send, recv, closeAll := pairs(b, migConns)
 				done := make(chan error, 1)
 				go func() {
@@ -134,11 +111,10 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 					done <- err
 				}()
 				st, err := m.Migrate(ctx, send, guestmem.MigrateOptions{
-					Pause:  func(context.Context) error { paused.Store(true); return nil },
-					Resume: func() error { paused.Store(false); return nil },
+					Pause:  d.Pause,
+					Resume: d.Resume,
 				})
-				close(stop)
-				wg.Wait()
+				d.Stop()
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -24,6 +24,14 @@ import (
 // whose counters say how far it got.
 func sweep() *guest.Asm {
 	a := &guest.Asm{}
+	sweepLoop(a)
+	a.Out(guest.PortDone)
+	a.Hlt()
+	return a
+}
+
+// sweepLoop is sweep's loop, without the end.
+func sweepLoop(a *guest.Asm) {
 	a.Label("outer")
 	a.Mov(guest.RDX, guest.RSI)
 	a.Label("inner")
@@ -35,9 +43,6 @@ func sweep() *guest.Asm {
 	a.Jb("inner")
 	a.Dec(guest.RCX)
 	a.Jnz("outer")
-	a.Out(guest.PortDone)
-	a.Hlt()
-	return a
 }
 
 // machineWith makes a VM (with a dirty ring of ring bytes, if not 0,

@@ -10,14 +10,13 @@ import (
 	"net"
 	"runtime"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/gmem-vmm/gmem/guestmem"
+	"github.com/gmem-vmm/gmem/internal/testenv"
 )
 
 // listenIn opens a TCP listener inside network namespace ns: the socket
@@ -124,31 +123,9 @@ func BenchmarkMigrateShaped1GiB(b *testing.B) {
 			b.SetBytes(size / 4)
 			var st guestmem.MigrateStats
 			for b.Loop() {
-				var paused atomic.Bool
-				stop := make(chan struct{})
-				var wg sync.WaitGroup
-				if rate > 0 {
-					wg.Add(1)
-					go func() { // the guest, dirtying rate pages a second
-						defer wg.Done()
-						tick := time.NewTicker(time.Millisecond)
-						defer tick.Stop()
-						var n uint64
-						for {
-							select {
-							case <-stop:
-								return
-							case <-tick.C:
-							}
-							for range max(1, rate/1000) {
-								if !paused.Load() {
-									_ = m.WriteUint64(guestmem.GuestAddress(n*4096*97%size), n)
-								}
-								n++
-							}
-						}
-					}()
-				}
+				d := testenv.StartDirtier(rate, size, func(gpa, n uint64) {
+					_ = m.WriteUint64(guestmem.GuestAddress(gpa), n)
+				})
 				send, recv := pair(b)
 				done := make(chan error, 1)
 				go func() {
@@ -160,13 +137,12 @@ func BenchmarkMigrateShaped1GiB(b *testing.B) {
 				}()
 				var err error
 				st, err = m.Migrate(ctx, []io.ReadWriter{send}, guestmem.MigrateOptions{
-					Pause:  func(context.Context) error { paused.Store(true); return nil },
-					Resume: func() error { paused.Store(false); return nil },
+					Pause:  d.Pause,
+					Resume: d.Resume,
 					// Report what happened rather than fail on a busy machine.
 					OnLimit: guestmem.StopAndCopy,
 				})
-				close(stop)
-				wg.Wait()
+				d.Stop()
 				if err != nil {
 					b.Fatal(err)
 				}

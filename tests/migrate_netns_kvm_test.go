@@ -13,7 +13,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -51,17 +50,7 @@ const (
 // and writes PortFail.
 func sweepAndCheck() *guest.Asm {
 	a := &guest.Asm{}
-	a.Label("outer")
-	a.Mov(guest.RDX, guest.RSI)
-	a.Label("inner")
-	a.Load(guest.RAX, guest.RDX)
-	a.AddImm(guest.RAX, 1)
-	a.Store(guest.RDX, guest.RAX)
-	a.Add(guest.RDX, guest.RBX)
-	a.Cmp(guest.RDX, guest.RDI)
-	a.Jb("inner")
-	a.Dec(guest.RCX)
-	a.Jnz("outer")
+	sweepLoop(a)
 	a.Load(guest.R8, guest.RSI)
 	a.Mov(guest.RDX, guest.RSI)
 	a.Label("check")
@@ -71,20 +60,20 @@ func sweepAndCheck() *guest.Asm {
 	a.Add(guest.RDX, guest.RBX)
 	a.Cmp(guest.RDX, guest.RDI)
 	a.Jb("check")
-	a.Mov(guest.RAX, guest.R8)
-	a.Out(guest.PortLo)
-	a.Shr(guest.RAX, 32)
-	a.Out(guest.PortHi)
-	a.Out(guest.PortDone)
-	a.Hlt()
+	report(a, guest.R8, guest.PortDone)
 	a.Label("fail")
-	a.Mov(guest.RAX, guest.RDX)
+	report(a, guest.RDX, guest.PortFail)
+	return a
+}
+
+// report writes r on PortLo and PortHi (through RAX), then port, and halts.
+func report(a *guest.Asm, r guest.Reg, port uint8) {
+	a.Mov(guest.RAX, r)
 	a.Out(guest.PortLo)
 	a.Shr(guest.RAX, 32)
 	a.Out(guest.PortHi)
-	a.Out(guest.PortFail)
+	a.Out(port)
 	a.Hlt()
-	return a
 }
 
 // runningGuest is the source: a guest sweeping on its own goroutine.
@@ -147,36 +136,13 @@ func (g *runningGuest) waitSweeping(t *testing.T) {
 	}, 30*time.Second, time.Millisecond, "the source guest sweeps")
 }
 
-// guestReceiver is the receiving process.
-type guestReceiver struct {
-	*receiver
-	stdin io.WriteCloser
-}
-
-func startGuestReceiver(t *testing.T, l *netLink, ring int) *guestReceiver {
+// startGuestReceiver runs TestGuestMigrationReceiverProcess in the
+// namespace, its VM made with a dirty ring of ring bytes (0: the bitmap).
+func startGuestReceiver(t *testing.T, l *netLink, ring int) *receiver {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", l.ns, os.Args[0], "-test.run=^TestGuestMigrationReceiverProcess$",
-		"-test.v")
-	cmd.Env = append(os.Environ(), "GMEM_GUEST_RECEIVER="+net.JoinHostPort(l.peerIP, strconv.Itoa(guestMigPort)),
+	return startIn(t, l, "TestGuestMigrationReceiverProcess",
+		"GMEM_GUEST_RECEIVER="+net.JoinHostPort(l.peerIP, strconv.Itoa(guestMigPort)),
 		"GMEM_GUEST_RECEIVER_RING="+strconv.Itoa(ring))
-	stdin, err := cmd.StdinPipe()
-	require.NoError(t, err)
-	out, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	cmd.Stderr = cmd.Stdout
-	require.NoError(t, cmd.Start())
-	r := &receiver{cmd: cmd, lines: make(chan string, 100), done: make(chan error, 1)}
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			r.lines <- sc.Text()
-		}
-		close(r.lines)
-		r.done <- cmd.Wait()
-	}()
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
-	r.expect(t, "listening")
-	return &guestReceiver{receiver: r, stdin: stdin}
 }
 
 func dialGuestConns(t *testing.T, l *netLink) []io.ReadWriter {

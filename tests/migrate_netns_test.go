@@ -80,6 +80,7 @@ func newNetLink(t testing.TB, rate string) *netLink {
 // receiver is the receiving process.
 type receiver struct {
 	cmd   *exec.Cmd
+	stdin io.WriteCloser
 	lines chan string
 	done  chan error
 }
@@ -88,13 +89,24 @@ type receiver struct {
 // until it listens.
 func startReceiver(t *testing.T, l *netLink) *receiver {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", l.ns, os.Args[0], "-test.run=^TestMigrateReceiverProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), "GMEM_MIGRATE_RECEIVER="+net.JoinHostPort(l.peerIP, strconv.Itoa(migNetPort)))
+	return startIn(t, l, "TestMigrateReceiverProcess",
+		"GMEM_MIGRATE_RECEIVER="+net.JoinHostPort(l.peerIP, strconv.Itoa(migNetPort)))
+}
+
+// startIn runs this test binary's test named test in the namespace, with
+// env added, its output read line by line and its stdin a pipe, and waits
+// until it says it is listening. It is killed when t ends.
+func startIn(t *testing.T, l *netLink, test string, env ...string) *receiver {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", l.ns, os.Args[0], "-test.run=^"+test+"$", "-test.v")
+	cmd.Env = append(os.Environ(), env...)
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	cmd.Stderr = cmd.Stdout
 	require.NoError(t, cmd.Start())
-	r := &receiver{cmd: cmd, lines: make(chan string, 100), done: make(chan error, 1)}
+	r := &receiver{cmd: cmd, stdin: stdin, lines: make(chan string, 100), done: make(chan error, 1)}
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
