@@ -134,6 +134,11 @@ func (m *Memory) setTracking(on, hostOnly bool) error {
 	if m.tracking == on {
 		return nil
 	}
+	if on && m.gmem != nil && m.reg != nil {
+		return fmt.Errorf("guestmem: %s: %w: KVM keeps no dirty log of guest_memfd slots "+
+			"(KVM_MEM_LOG_DIRTY_PAGES is refused), so guest writes cannot be tracked while the memory is "+
+			"registered; Unregister first (then only host writes are tracked: HostWritesOnly)", op, ErrGuestMemfdLimit)
+	}
 	m.tracking = on
 	m.hostOnly, m.trackSeen = hostOnly, m.reg != nil
 	m.snap.tracked = false // an increment needs tracking on since the last Save

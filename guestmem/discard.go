@@ -11,8 +11,9 @@ import (
 var ErrReadOnly = errors.New("region is read-only")
 
 // Discard returns the guest pages [a, a+n) to the host, as a balloon device
-// does: memfd and hugetlb backings get a hole punched (MADV_REMOVE), so the
-// memfd's blocks are freed; anonymous memory is dropped (MADV_DONTNEED); a
+// does: memfd, hugetlb and guest_memfd backings get a hole punched
+// (MADV_REMOVE), so the file's pages are freed (and KVM unmaps them from the
+// guest); anonymous memory is dropped (MADV_DONTNEED); a
 // private file mapping (File backing, lazy restore) is replaced by fresh
 // anonymous memory, so the file is never written. Afterwards the guest and
 // the host read zeros there and host memory use falls accordingly. The range
@@ -71,7 +72,7 @@ func (m *Memory) discardPieces(t *table, pieces []piece) error {
 	for _, pc := range pieces {
 		var err error
 		switch {
-		case m.backing == Memfd || m.backing == Hugetlb:
+		case m.backing == Memfd || m.backing == Hugetlb || m.backing == GuestMemfd:
 			err = pc.a.RemoveRange(pc.off, pc.n)
 		case m.backing == Anonymous && !m.overlay:
 			err = pc.a.DropPageCache(pc.off, pc.n)

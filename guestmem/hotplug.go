@@ -95,6 +95,11 @@ func (m *Memory) AddRegion(spec RegionSpec) (Region, error) {
 	if m.backing == File {
 		return Region{}, fmt.Errorf("guestmem: AddRegion: %w: a File backing cannot hot-add", ErrBacking)
 	}
+	if m.gmem != nil {
+		if err := gmemLayout(Layout{spec}); err != nil {
+			return Region{}, fmt.Errorf("guestmem: AddRegion: %w", err)
+		}
+	}
 	l := make(Layout, 0, len(t.regions)+1)
 	for _, r := range t.regions {
 		l = append(l, RegionSpec{GPA: r.GPA, Size: r.Size, ReadOnly: r.ReadOnly})

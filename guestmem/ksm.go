@@ -25,6 +25,10 @@ func WithKSM() Option { return func(c *config) { c.place.ksm = true } }
 // already): otherwise ErrBacking.
 func (m *Memory) UseKSM(spans ...Span) error {
 	const op = "UseKSM"
+	if m.backing == GuestMemfd {
+		return fmt.Errorf("guestmem: %s: %w: %w: KSM merges only private anonymous pages, and guest_memfd takes "+
+			"MADV_MERGEABLE without ever merging", op, ErrBacking, ErrGuestMemfdLimit)
+	}
 	if m.backing != Anonymous || m.overlay {
 		what := m.backing.String()
 		if m.overlay {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/internal/reentry"
+	"github.com/gmem-vmm/gmem/kvm"
 )
 
 // Backing says what memory backs guest RAM.
@@ -37,6 +38,13 @@ const (
 	// from a snapshot file does: pages load on first touch and writes never
 	// reach the file.
 	File
+	// GuestMemfd is guest_memfd memory KVM created for one VM
+	// (KVM_CREATE_GUEST_MEMFD, chosen by WithGuestMemfd), mapped shared by
+	// the host (Linux 6.18): KVM maps its pages for the guest straight from
+	// the file. It registers only with that VM, has no dirty log, no
+	// hugepages, no KSM and no userfaultfd (ErrGuestMemfdLimit), and
+	// another process can map it through FD.
+	GuestMemfd
 )
 
 func (b Backing) String() string {
@@ -49,6 +57,8 @@ func (b Backing) String() string {
 		return "hugetlb"
 	case File:
 		return "file"
+	case GuestMemfd:
+		return "guest_memfd"
 	}
 	return fmt.Sprintf("Backing(%d)", int(b))
 }
@@ -60,6 +70,7 @@ type config struct {
 	backing  Backing
 	hugeSize uint64
 	file     *os.File
+	gmemVM   *kvm.VM // WithGuestMemfd
 	top      GuestAddress
 	noTHP    bool
 	guard    uint64
@@ -93,6 +104,22 @@ func WithHugetlb(pageSize uint64) Option {
 // A nil f is ErrBacking.
 func WithFile(f *os.File) Option { return backingOption("WithFile", File, f) }
 
+// WithGuestMemfd backs guest RAM with guest_memfd memory created on vm at
+// New (KVM_CREATE_GUEST_MEMFD with GuestMemfdMmap|GuestMemfdInitShared),
+// sized for the layout and the hotplug space (WithHotplug: its size is
+// fixed at creation) and mapped shared, regions at increasing 2 MiB-aligned
+// offsets as for WithMemfd. The memory registers only with vm. What KVM
+// and the kernel do not offer for guest_memfd is ErrGuestMemfdLimit: dirty
+// tracking while registered (so incremental Saves and pre-copy Migrate of
+// a running guest), read-only regions, hugepages, KSM, RestoreOnDemand and
+// post-copy reception. A nil vm is ErrBacking; a kernel whose guest_memfd
+// the host cannot map (before Linux 6.18) is ErrBacking and
+// errors.ErrUnsupported.
+func WithGuestMemfd(vm *kvm.VM) Option {
+	o := backingOption("WithGuestMemfd", GuestMemfd, nil)
+	return func(c *config) { o(c); c.gmemVM = vm }
+}
+
 func backingOption(name string, b Backing, f *os.File) Option {
 	return func(c *config) {
 		c.backing, c.file = b, f
@@ -103,6 +130,10 @@ func backingOption(name string, b Backing, f *os.File) Option {
 // check refuses options that contradict each other or do not apply to op.
 func (c *config) check(op string) error {
 	if len(c.backings) > 1 {
+		if slices.Contains(c.backings, "WithGuestMemfd") && slices.Contains(c.backings, "WithHugetlb") {
+			return fmt.Errorf("guestmem: %s: %w: %w: guest_memfd has no hugetlb pages (KVM_CREATE_GUEST_MEMFD "+
+				"takes no page size); give WithGuestMemfd or WithHugetlb", op, ErrBadOption, ErrGuestMemfdLimit)
+		}
 		return fmt.Errorf("guestmem: %s: %w: %s choose different backings; give one", op, ErrBadOption,
 			strings.Join(c.backings, " and "))
 	}
@@ -138,6 +169,17 @@ var ErrBacking = errors.New("backing unavailable")
 
 // ErrBadOption is returned for an option value New cannot use.
 var ErrBadOption = errors.New("invalid option")
+
+// ErrGuestMemfdLimit is wrapped by the error of a call on GuestMemfd memory
+// that KVM or the kernel does not do with guest_memfd: the message names
+// the limit. Dirty tracking while registered (KVM refuses
+// KVM_MEM_LOG_DIRTY_PAGES on guest_memfd slots), and with it incremental
+// Saves and pre-copy Migrate of a running guest; read-only regions
+// (KVM_MEM_READONLY is refused); registering with a VM other than the one
+// the guest_memfd was created on; hugepages (hugetlb or transparent);
+// KSM; RestoreOnDemand and post-copy reception (userfaultfd cannot
+// register guest_memfd mappings).
+var ErrGuestMemfdLimit = errors.New("not possible with guest_memfd memory")
 
 // maxGuardGap bounds WithGuardGap: a terabyte of address space per gap.
 const maxGuardGap = 1 << 40
@@ -226,8 +268,9 @@ type Memory struct {
 	tab      atomic.Pointer[table]
 	arena    *arena.Arena // regions from New; hot-added regions have their own
 	backing  Backing
-	pageSize uint64 // 4 KiB, or the hugetlb page size
-	fd       int    // the memfd or file; -1 for Anonymous (guarded by wmu)
+	pageSize uint64          // 4 KiB, or the hugetlb page size
+	fd       int             // the memfd, file or guest_memfd; -1 for Anonymous (guarded by wmu)
+	gmem     *kvm.GuestMemfd // the GuestMemfd backing, owning fd
 	fdSize   int64
 	guard    uint64
 	noTHP    bool
@@ -354,6 +397,11 @@ func newMemory(l Layout, c config) (*Memory, error) {
 	if err := l.Validate(pageSize, c.top); err != nil {
 		return nil, err
 	}
+	if c.backing == GuestMemfd {
+		if err := gmemLayout(l); err != nil {
+			return nil, fmt.Errorf("guestmem: New: %w", err)
+		}
+	}
 	specs := slices.Clone(l)
 	slices.SortFunc(specs, func(a, b RegionSpec) int { return cmpAddr(a.GPA, b.GPA) })
 
@@ -377,6 +425,9 @@ func newMemory(l Layout, c config) (*Memory, error) {
 		return nil, fmt.Errorf("guestmem: New: hotplug space %#x exceeds %#x: %w", c.hotplug, uint64(maxHotplug), ErrBadOption)
 	}
 	hot := alignUp(c.hotplug, align)
+	if c.backing == GuestMemfd && c.gmemVM == nil {
+		return nil, fmt.Errorf("guestmem: New: %w: WithGuestMemfd(nil): guest_memfd is created on a VM", ErrBacking)
+	}
 	if hot > 0 && c.backing == File {
 		return nil, fmt.Errorf("guestmem: New: %w: a File backing cannot hot-add regions (WithHotplug)", ErrBacking)
 	}
@@ -434,6 +485,23 @@ func (m *Memory) open(c config) error {
 			return errors.Join(fmt.Errorf("guestmem: New: sealing memfd: %w", os.NewSyscallError("fcntl", err)), m.closeFD())
 		}
 		return nil
+	case GuestMemfd:
+		const flags = kvm.GuestMemfdMmap | kvm.GuestMemfdInitShared
+		have, err := c.gmemVM.GuestMemfdFlags()
+		if err != nil {
+			return fmt.Errorf("guestmem: New: %w: %w", ErrBacking, err)
+		}
+		if have&flags != flags {
+			return fmt.Errorf("guestmem: New: %w: this kernel's guest_memfd cannot be mapped by the host (it takes "+
+				"flags %v, guestmem needs %v: Linux 6.18): %w", ErrBacking, have, kvm.GuestMemfdFlags(flags),
+				errors.ErrUnsupported)
+		}
+		g, err := c.gmemVM.CreateGuestMemfd(uint64(m.fdSize), flags)
+		if err != nil {
+			return fmt.Errorf("guestmem: New: %w: %w", ErrBacking, err)
+		}
+		m.gmem, m.fd = g, g.FD()
+		return nil
 	case File:
 		if c.file == nil {
 			return fmt.Errorf("guestmem: New: %w: WithFile(nil)", ErrBacking)
@@ -467,6 +535,11 @@ func FileSize(l Layout) int64 {
 }
 
 func (m *Memory) closeFD() error {
+	if m.gmem != nil {
+		err := m.gmem.Close()
+		m.fd = -1
+		return err
+	}
 	if m.fd < 0 {
 		return nil
 	}
@@ -515,7 +588,8 @@ func (m *Memory) applyDefaults(a *arena.Arena, off, n int64) error {
 	if err := a.UseDontfork(off, n); err != nil {
 		return err
 	}
-	if !m.noTHP && m.backing != Hugetlb {
+	// guest_memfd takes MADV_HUGEPAGE and ignores it: it has 4 KiB pages.
+	if !m.noTHP && m.backing != Hugetlb && m.backing != GuestMemfd {
 		return a.UseHugepages(off, n)
 	}
 	return nil
@@ -561,9 +635,9 @@ func (m *Memory) Close() error {
 // Backing returns how guest RAM is backed.
 func (m *Memory) Backing() Backing { return m.backing }
 
-// FD returns the memfd or file backing guest RAM, for handing to another
-// process (vhost-user) with each region's FDOffset; -1 for Anonymous and
-// after Close. It stays owned by the Memory.
+// FD returns the memfd, file or guest_memfd backing guest RAM, for handing
+// to another process (vhost-user) with each region's FDOffset; -1 for
+// Anonymous and after Close. It stays owned by the Memory.
 func (m *Memory) FD() (fd int) {
 	m.peek(func() { fd = m.fd }) // Close sets fd to -1
 	return fd
@@ -616,4 +690,17 @@ func (m *Memory) HostAddress(a GuestAddress) (uintptr, error) {
 		return 0, err
 	}
 	return r.HostAddr + uintptr(a-r.GPA), nil
+}
+
+// gmemLayout refuses what a guest_memfd backing cannot hold: read-only
+// regions, since KVM refuses KVM_MEM_READONLY on guest_memfd slots.
+func gmemLayout(l Layout) error {
+	for _, r := range l {
+		if r.ReadOnly {
+			return fmt.Errorf("%w: region [%v, +%#x) is read-only, and KVM refuses read-only guest_memfd slots "+
+				"(KVM_MEM_READONLY with KVM_MEM_GUEST_MEMFD); back read-only regions otherwise", ErrGuestMemfdLimit,
+				r.GPA, r.Size)
+		}
+	}
+	return nil
 }

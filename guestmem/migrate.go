@@ -936,6 +936,12 @@ func ReceiveMigration(ctx context.Context, conns []io.ReadWriter, opts ...Option
 		if mem == nil {
 			return nil, rs, fmt.Errorf("%w: a post-copy switchover before any memory", ErrMigrationProtocol)
 		}
+		if mem.gmem != nil {
+			// Refused before the switchover is acknowledged: the sender
+			// resumes its guest.
+			return nil, rs, fmt.Errorf("%w: the sender switched to post-copy, which serves pages by userfaultfd, "+
+				"and userfaultfd cannot register guest_memfd mappings; migrate without PostCopy", ErrGuestMemfdLimit)
+		}
 		od, err := startPostCopy(mem, sw.units, x.r, x.rw, sw.parts, nil)
 		if err != nil {
 			return nil, rs, err

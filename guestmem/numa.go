@@ -85,6 +85,11 @@ func (c *config) checkPlacement(op string) error {
 		return fmt.Errorf("guestmem: %s: %w: WithNUMA and WithKSM do not apply to lazily restored memory, "+
 			"whose pages come from the snapshot files' page cache; use Restore", op, ErrBadOption)
 	}
+	if p.ksm && c.backing == GuestMemfd {
+		return fmt.Errorf("guestmem: %s: %w: %w: WithKSM needs Anonymous guest RAM: KSM merges only private "+
+			"anonymous pages, and guest_memfd takes MADV_MERGEABLE without ever merging", op, ErrBacking,
+			ErrGuestMemfdLimit)
+	}
 	if p.ksm && c.backing != Anonymous {
 		return fmt.Errorf("guestmem: %s: %w: WithKSM needs Anonymous guest RAM: KSM merges only private "+
 			"anonymous pages, never %v memory", op, ErrBacking, c.backing)
@@ -212,16 +217,20 @@ var pinnedHook func()
 // kernel zeroes the pages from a CPU near them; its affinity is restored
 // afterwards. Pinning is a speed-up only: where it cannot be done (the CPUs
 // are outside this process's cpuset), the range is populated unpinned.
-func (m *Memory) populate(a *arena.Arena, off, n int64, gpa GuestAddress) error {
+func (m *Memory) populate(a *arena.Arena, off, n int64, gpa GuestAddress, fdOff int64) error {
+	fill := func() error { return a.Populate(off, n, arena.PopulateWrite) }
+	if m.gmem != nil && gmemPrefault == gmemFallocate {
+		fill = func() error { return m.gmemAllocate(fdOff, n) }
+	}
 	cpus := m.place.cpusFor(gpa)
 	if len(cpus) == 0 {
-		return a.Populate(off, n, arena.PopulateWrite)
+		return fill()
 	}
 	runtime.LockOSThread()
 	var old, set unix.CPUSet
 	if unix.SchedGetaffinity(0, &old) != nil {
 		runtime.UnlockOSThread()
-		return a.Populate(off, n, arena.PopulateWrite)
+		return fill()
 	}
 	for _, c := range cpus {
 		if c < len(set)*64 && old.IsSet(c) {
@@ -230,12 +239,12 @@ func (m *Memory) populate(a *arena.Arena, off, n int64, gpa GuestAddress) error 
 	}
 	if set.Count() == 0 || set == old || unix.SchedSetaffinity(0, &set) != nil {
 		runtime.UnlockOSThread()
-		return a.Populate(off, n, arena.PopulateWrite)
+		return fill()
 	}
 	if pinnedHook != nil {
 		pinnedHook()
 	}
-	err := a.Populate(off, n, arena.PopulateWrite)
+	err := fill()
 	if unix.SchedSetaffinity(0, &old) == nil {
 		runtime.UnlockOSThread()
 	}

@@ -219,6 +219,11 @@ func RestoreOnDemand(ctx context.Context, sources []io.ReaderAt, o OnDemandOptio
 		return nil, nil, fmt.Errorf("guestmem: %s: %w: a File backing already holds guest memory; restore onto "+
 			"anonymous, memfd or hugetlb memory", op, ErrBadOption)
 	}
+	if c.backing == GuestMemfd {
+		return nil, nil, fmt.Errorf("guestmem: %s: %w: userfaultfd cannot register guest_memfd mappings "+
+			"(UFFDIO_REGISTER is EINVAL in missing, minor and write-protect modes); use Restore, which reads "+
+			"everything first", op, ErrGuestMemfdLimit)
+	}
 	od := &OnDemand{srcs: sources, done: make(chan struct{}), wsDone: make(chan struct{}), onFail: o.OnFailure}
 	od.fillCtx, od.fillCancel = context.WithCancel(context.Background())
 	layout, id, err := od.readIndex(ctx, c)

@@ -84,15 +84,15 @@ var ErrDataLoss = errors.New("the call would lose guest data")
 
 // DropPageCache drops the host mapping's pages of the spans (the whole guest
 // if none) with MADV_DONTNEED, releasing this process's page-table and
-// resident-set share of a shared backing (Memfd, Hugetlb): the data stays in
-// the memfd and the next access maps it again, so the guest reads what it
+// resident-set share of a shared backing (Memfd, Hugetlb, GuestMemfd): the
+// data stays in the file and the next access maps it again, so the guest reads what it
 // wrote. On private guest RAM (Anonymous, File, lazily restored memory) the
 // same call would throw the guest's pages away, so it is refused with
 // ErrDataLoss before anything is dropped; use Discard to free pages on
 // purpose. Locked pages: an error wrapping ErrLocked.
 func (m *Memory) DropPageCache(spans ...Span) error {
 	const op = "DropPageCache"
-	if m.backing != Memfd && m.backing != Hugetlb {
+	if m.backing != Memfd && m.backing != Hugetlb && m.backing != GuestMemfd {
 		return fmt.Errorf("guestmem: %s: %w: %v guest RAM is private, so its dropped pages would read back as %s; "+
 			"use Discard to give pages back on purpose", op, ErrDataLoss, m.backing, m.privateDropReads())
 	}
@@ -122,7 +122,8 @@ func (m *Memory) Unlock(spans ...Span) error {
 // UseHugepages asks for transparent hugepages over the spans (the whole
 // guest if none; MADV_HUGEPAGE), as arena.Mapping.UseHugepages does (the
 // default for new memory unless WithoutHugepages). Hugetlb memory is
-// always huge: the call is an error there.
+// always huge, and guest_memfd never (ErrGuestMemfdLimit): the call is an
+// error there.
 func (m *Memory) UseHugepages(spans ...Span) error {
 	return m.hugepages("UseHugepages", spans, (*arena.Arena).UseHugepages)
 }
@@ -136,6 +137,10 @@ func (m *Memory) NoHugepages(spans ...Span) error {
 func (m *Memory) hugepages(op string, spans []Span, fn func(a *arena.Arena, off, n int64) error) error {
 	if m.backing == Hugetlb {
 		return fmt.Errorf("guestmem: %s: %w: hugetlb memory is always huge", op, ErrBacking)
+	}
+	if m.backing == GuestMemfd {
+		return fmt.Errorf("guestmem: %s: %w: guest_memfd has 4 KiB pages only (it takes MADV_HUGEPAGE and "+
+			"ignores it)", op, ErrGuestMemfdLimit)
 	}
 	return m.each(op, spans, fn)
 }
@@ -226,7 +231,8 @@ func (m *Memory) Prefault(ctx context.Context, o PrefaultOptions) error {
 					return
 				}
 				j := jobs[i]
-				if err := m.populate(j.a, j.off, j.n, j.gpa); err != nil {
+				r := t.regions[j.region]
+				if err := m.populate(j.a, j.off, j.n, j.gpa, r.FDOffset+int64(j.gpa-r.GPA)); err != nil {
 					fail(piece(j).inGuestTerms("Prefault", err))
 					return
 				}

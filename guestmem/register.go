@@ -64,6 +64,12 @@ func (g *registration) slot(gpa GuestAddress) (uint32, bool) {
 
 func (m *Memory) slotFor(r region, id uint32) kvm.Slot {
 	s := kvm.Slot{ID: id, GPA: uint64(r.GPA), Size: r.Size, HostAddr: r.HostAddr}
+	if m.gmem != nil {
+		// KVM takes the pages from the guest_memfd; HostAddr maps the same
+		// bytes, for its instruction emulator. Never logged or read-only.
+		s.GuestMemfd, s.GuestMemfdOffset = m.gmem, uint64(r.FDOffset)
+		return s
+	}
 	if r.ReadOnly {
 		s.Flags |= kvm.ReadOnly
 	} else if m.tracking {
@@ -104,6 +110,16 @@ func (m *Memory) Register(vm VM) error {
 	}
 	if vm == nil || reflect.ValueOf(vm).Kind() == reflect.Pointer && reflect.ValueOf(vm).IsNil() {
 		return fmt.Errorf("guestmem: Register: nil VM: %w", ErrBadOption)
+	}
+	if m.gmem != nil {
+		if kv, ok := vm.(*kvm.VM); !ok || kv != m.gmem.VM() {
+			return fmt.Errorf("guestmem: Register: %w: the guest_memfd was created on another VM, and KVM binds it "+
+				"to that one (register with the VM given to WithGuestMemfd)", ErrGuestMemfdLimit)
+		}
+		if m.tracking {
+			return fmt.Errorf("guestmem: Register: %w: dirty tracking is on, and KVM keeps no dirty log of "+
+				"guest_memfd slots (KVM_MEM_LOG_DIRTY_PAGES is refused); StopDirtyTracking first", ErrGuestMemfdLimit)
+		}
 	}
 	if free := vm.MaxSlots() - len(vm.Slots()); free < len(t.regions) {
 		return fmt.Errorf("guestmem: Register: %d regions but the VM has %d free memory slots: %w",

@@ -304,6 +304,10 @@ func RestoreLazy(ctx context.Context, files []*os.File, opts ...Option) (*Memory
 	if err := c.check("RestoreLazy"); err != nil {
 		return nil, err
 	}
+	if c.backing == GuestMemfd {
+		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: %w: lazily restored memory maps the snapshot files "+
+			"privately, and guest_memfd memory is KVM's own file; use Restore", ErrBadOption, ErrGuestMemfdLimit)
+	}
 	if c.backing != Anonymous || c.hotplug != 0 {
 		return nil, fmt.Errorf("guestmem: RestoreLazy: %w: lazily restored memory is anonymous with file-backed "+
 			"pages; backing and hotplug options do not apply", ErrBadOption)

@@ -105,6 +105,10 @@ func (m *Memory) Save(ctx context.Context, w io.Writer, o SaveOptions) (SaveStat
 	var dirty *DirtySet
 	if o.Incremental {
 		switch {
+		case m.gmem != nil && m.reg != nil:
+			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: %w: the memory is registered, and KVM keeps no "+
+				"dirty log of guest_memfd slots, so what the guest wrote since the last Save is unknown",
+				ErrNeedFullSave, ErrGuestMemfdLimit)
 		case m.snap.id == [16]byte{}:
 			return SaveStats{}, fmt.Errorf("guestmem: Save: %w: no earlier Save", ErrNeedFullSave)
 		case !m.tracking || !m.snap.tracked:
@@ -565,6 +569,29 @@ func (m *Memory) populated(r region) ([]fdRange, error) {
 			h = min(h, end)
 			out = append(out, fdRange{off: d - r.FDOffset, n: h - d})
 			pos = h
+		}
+		return out, nil
+	case m.backing == GuestMemfd:
+		// mincore: it looks the pages up in the guest_memfd's page cache,
+		// so it sees pages only the guest touched; guest_memfd has no
+		// SEEK_DATA and never swaps.
+		res, err := r.host.Resident(r.arenaOff, int64(r.Size))
+		if err != nil {
+			return nil, err
+		}
+		ps := int64(os.Getpagesize())
+		var out []fdRange
+		for i := 0; i < len(res); {
+			if !res[i] {
+				i++
+				continue
+			}
+			j := i + 1
+			for j < len(res) && res[j] {
+				j++
+			}
+			out = append(out, fdRange{off: int64(i) * ps, n: int64(j-i) * ps})
+			i = j
 		}
 		return out, nil
 	case m.backing == Anonymous && !m.overlay:

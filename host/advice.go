@@ -47,6 +47,7 @@ const (
 	TopicMeasure        Topic = "measure"         // timing the populate failed
 	TopicKSM            Topic = "ksm"             // no KSM in the kernel, or ksmd not running
 	TopicKSMNUMA        Topic = "ksm-numa"        // ksmd merges across NUMA nodes on a host with several
+	TopicGuestMemfd     Topic = "guest-memfd"     // guest_memfd the host can map, or why not
 )
 
 // Advise draws the advice from f's facts: what Probe puts in f.Advice,
@@ -153,6 +154,20 @@ func Advise(f *Facts) []Advice {
 	if !f.MlockOnFault.Works {
 		add(TopicMlockOnFault, "mlock2(MLOCK_ONFAULT) does not work here (%s): LockOnFault will fail.",
 			f.MlockOnFault.Error)
+	}
+	if c := f.KVM.Caps; c != nil {
+		switch {
+		case c.GuestMemfdMmap:
+			add(TopicGuestMemfd, "guest_memfd can be mapped by the host (flags %s): guestmem.WithGuestMemfd backs "+
+				"guest RAM with memory KVM owns and maps for the guest from the file, sharable with a vhost-user "+
+				"process. It has no dirty log, hugepages, KSM or userfaultfd, so keep memfd or anonymous memory for "+
+				"guests that migrate live, snapshot incrementally, restore on demand or need hugepages.",
+				c.GuestMemfdFlags)
+		case c.GuestMemfd:
+			add(TopicGuestMemfd, "guest_memfd is here but the host cannot map it (flags %s; mmap and init-shared "+
+				"need Linux 6.18), so guestmem.WithGuestMemfd is refused; the other backings are unaffected.",
+				c.GuestMemfdFlags)
+		}
 	}
 	return a
 }

@@ -36,17 +36,27 @@ type KVM struct {
 
 // KVMCaps are the memory-related KVM capabilities (kvm.Capabilities).
 type KVMCaps struct {
-	Memslots          int  `json:"memslots"`
-	VCPUs             int  `json:"vcpus"`
-	ReadonlyMem       bool `json:"readonly_mem"`
-	UserMemory2       bool `json:"user_memory2"`
-	GuestMemfd        bool `json:"guest_memfd"`
+	Memslots    int  `json:"memslots"`
+	VCPUs       int  `json:"vcpus"`
+	ReadonlyMem bool `json:"readonly_mem"`
+	UserMemory2 bool `json:"user_memory2"`
+	GuestMemfd  bool `json:"guest_memfd"`
+	// GuestMemfdFlags are the KVM_CREATE_GUEST_MEMFD flags the kernel
+	// takes (KVM_CAP_GUEST_MEMFD_FLAGS), as kvm.GuestMemfdFlags names
+	// them: "mmap|init-shared" from Linux 6.18, "none" before.
+	GuestMemfdFlags string `json:"guest_memfd_flags"`
+	// GuestMemfdMmap says the host may map guest_memfd memory (both
+	// flags), which guestmem's GuestMemfd backing needs.
+	GuestMemfdMmap    bool `json:"guest_memfd_mmap"`
 	ManualDirtyLog    bool `json:"manual_dirty_log"`
 	DirtyRingBytes    int  `json:"dirty_ring_bytes"`
 	SyncMMU           bool `json:"sync_mmu"`
 	MemoryFaultInfo   bool `json:"memory_fault_info"`
 	MultiAddressSpace int  `json:"address_spaces"`
 }
+
+// gmemShared are the guest_memfd flags a host mapping needs.
+const gmemShared = kvm.GuestMemfdMmap | kvm.GuestMemfdInitShared
 
 // probeKVM opens the KVM device at path ("" for kvm.DefaultPath) and reads
 // its capabilities.
@@ -69,7 +79,9 @@ func probeKVM(path string) KVM {
 		return r
 	}
 	r.Caps = &KVMCaps{Memslots: c.Memslots, VCPUs: c.VCPUs, ReadonlyMem: c.ReadonlyMem, UserMemory2: c.UserMemory2,
-		GuestMemfd: c.GuestMemfd, ManualDirtyLog: c.ManualDirtyLog, DirtyRingBytes: c.DirtyRingBytes,
+		GuestMemfd: c.GuestMemfd, GuestMemfdFlags: c.GuestMemfdFlags.String(),
+		GuestMemfdMmap: c.GuestMemfd && c.GuestMemfdFlags&gmemShared == gmemShared,
+		ManualDirtyLog: c.ManualDirtyLog, DirtyRingBytes: c.DirtyRingBytes,
 		SyncMMU: c.SyncMMU, MemoryFaultInfo: c.MemoryFaultInfo, MultiAddressSpace: c.MultiAddressSpace}
 	return r
 }

@@ -24,6 +24,7 @@ const (
 	CapUserMemory2           Cap = 231 // KVM_CAP_USER_MEMORY2
 	CapMemoryFaultInfo       Cap = 232 // KVM_CAP_MEMORY_FAULT_INFO
 	CapGuestMemfd            Cap = 234 // KVM_CAP_GUEST_MEMFD
+	CapGuestMemfdFlags       Cap = 244 // KVM_CAP_GUEST_MEMFD_FLAGS
 )
 
 var capNames = map[Cap]string{
@@ -32,7 +33,8 @@ var capNames = map[Cap]string{
 	CapMultiAddressSpace: "KVM_CAP_MULTI_ADDRESS_SPACE", CapManualDirtyLogProtect: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
 	CapDirtyLogRing: "KVM_CAP_DIRTY_LOG_RING", CapDirtyLogRingAcqRel: "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
 	CapUserMemory2: "KVM_CAP_USER_MEMORY2", CapMemoryFaultInfo: "KVM_CAP_MEMORY_FAULT_INFO",
-	CapGuestMemfd: "KVM_CAP_GUEST_MEMFD", CapDirtyLogRingBitmap: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+	CapGuestMemfd: "KVM_CAP_GUEST_MEMFD", CapGuestMemfdFlags: "KVM_CAP_GUEST_MEMFD_FLAGS",
+	CapDirtyLogRingBitmap: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
 }
 
 // String returns the capability's KVM_CAP_* name, or KVM_CAP(n).
@@ -60,13 +62,18 @@ func (d *Device) Check(c Cap) (int, error) {
 
 // Capabilities are the memory-related capabilities of a KVM host.
 type Capabilities struct {
-	UserMemory        bool // KVM_SET_USER_MEMORY_REGION
-	Memslots          int  // usable memory slots per address space
-	VCPUs             int  // recommended maximum vCPUs
-	ReadonlyMem       bool // read-only slots (guest writes exit as MMIO)
-	SyncMMU           bool // host mapping changes reach the guest without re-registering
-	UserMemory2       bool // KVM_SET_USER_MEMORY_REGION2
-	GuestMemfd        bool // KVM_CREATE_GUEST_MEMFD
+	UserMemory  bool // KVM_SET_USER_MEMORY_REGION
+	Memslots    int  // usable memory slots per address space
+	VCPUs       int  // recommended maximum vCPUs
+	ReadonlyMem bool // read-only slots (guest writes exit as MMIO)
+	SyncMMU     bool // host mapping changes reach the guest without re-registering
+	UserMemory2 bool // KVM_SET_USER_MEMORY_REGION2
+	GuestMemfd  bool // KVM_CREATE_GUEST_MEMFD
+	// GuestMemfdFlags are the KVM_CREATE_GUEST_MEMFD flags the device
+	// reports (KVM_CAP_GUEST_MEMFD_FLAGS): GuestMemfdMmap|GuestMemfdInitShared
+	// from Linux 6.18, when the host may map guest_memfd memory. A VM may
+	// take fewer (VM.GuestMemfdFlags).
+	GuestMemfdFlags   GuestMemfdFlags
 	ManualDirtyLog    bool // KVM_CLEAR_DIRTY_LOG (manual dirty-log protect)
 	DirtyRingBytes    int  // maximum dirty ring size in bytes; 0 without a dirty ring
 	DirtyRingAcqRel   int  // the same for the acquire/release ring, which EnableDirtyRing uses; 0 without
@@ -88,6 +95,7 @@ func (d *Device) Capabilities() (Capabilities, error) {
 		{CapSyncMMU, func(n int) { c.SyncMMU = n > 0 }},
 		{CapUserMemory2, func(n int) { c.UserMemory2 = n > 0 }},
 		{CapGuestMemfd, func(n int) { c.GuestMemfd = n > 0 }},
+		{CapGuestMemfdFlags, func(n int) { c.GuestMemfdFlags = GuestMemfdFlags(max(n, 0)) }},
 		{CapManualDirtyLogProtect, func(n int) { c.ManualDirtyLog = n > 0 }},
 		{CapDirtyLogRing, func(n int) { c.DirtyRingBytes = n }},
 		{CapDirtyLogRingAcqRel, func(n int) { c.DirtyRingAcqRel = n }},

@@ -18,6 +18,14 @@
 // and recreating the slot. VM.DeleteSlot returns only once KVM no longer
 // uses the slot's host memory, which may then be unmapped.
 //
+// VM.CreateGuestMemfd makes guest_memfd memory for the VM
+// (KVM_CREATE_GUEST_MEMFD; with GuestMemfdMmap the host maps it too, Linux
+// 6.18); a Slot naming it (Slot.GuestMemfd, Slot.GuestMemfdOffset) is
+// registered with KVM_SET_USER_MEMORY_REGION2 and KVM_MEM_GUEST_MEMFD. The
+// table refuses what KVM does not do with such slots — dirty logging,
+// read-only, another VM's guest_memfd — with ErrGuestMemfd, and recreates
+// them for any change, since KVM does not change them in place.
+//
 // Slots created with LogDirtyPages have a dirty log: VM.GetDirtyLog copies
 // it into a bitmap of DirtyBitmapWords(pages) words and, unless
 // VM.EnableManualDirtyLog was called, resets it; with manual protect,

@@ -158,6 +158,9 @@ func (vm *VM) DeclareSlot(s Slot) error {
 		return &SlotError{Op: "DeclareSlot", Slot: s.ID, Err: fmt.Errorf("%w: slot %d is in the table already",
 			ErrSlotOverlap, s.ID)}
 	}
+	if s.GuestMemfd != nil {
+		s.Flags |= GuestMemfdSlot
+	}
 	if err := vm.check(s); err != nil {
 		return &SlotError{Op: "DeclareSlot", Slot: s.ID, Err: err}
 	}

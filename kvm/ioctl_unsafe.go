@@ -39,6 +39,7 @@ const (
 	nrEnableCap            = 0xa3
 	nrClearDirtyLog        = 0xc0
 	nrResetDirtyRings      = 0xc7
+	nrCreateGuestMemfd     = 0xd4
 )
 
 func errnoErr(e syscall.Errno) error {
@@ -70,7 +71,12 @@ type userMemoryRegion2 struct {
 	_                [14]uint64
 }
 
-func setUserMemoryRegion(vmfd uintptr, v2 bool, slot, flags uint32, gpa, size uint64, uaddr uintptr) error {
+// setUserMemoryRegion sets a slot with KVM_SET_USER_MEMORY_REGION, or
+// with KVM_SET_USER_MEMORY_REGION2 when v2 is set, which also carries the
+// guest_memfd and the offset in it (gmemFD is ignored without
+// KVM_MEM_GUEST_MEMFD in flags).
+func setUserMemoryRegion(vmfd uintptr, v2 bool, slot, flags uint32, gpa, size uint64, uaddr uintptr, gmemFD int,
+	gmemOff uint64) error {
 	if !v2 {
 		r := userMemoryRegion{slot: slot, flags: flags, guestPhysAddr: gpa, memorySize: size,
 			userspaceAddr: uint64(uaddr)}
@@ -82,10 +88,40 @@ func setUserMemoryRegion(vmfd uintptr, v2 bool, slot, flags uint32, gpa, size ui
 		return errnoErr(errno)
 	}
 	r := userMemoryRegion2{slot: slot, flags: flags, guestPhysAddr: gpa, memorySize: size, userspaceAddr: uint64(uaddr)}
+	if flags&uint32(GuestMemfdSlot) != 0 {
+		r.guestMemfd, r.guestMemfdOffset = uint32(gmemFD), gmemOff
+	}
 	// Safety: as above, for struct kvm_userspace_memory_region2.
 	req := gokvm.IIOW(nrSetUserMemoryRegion2, unsafe.Sizeof(r))
 	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, vmfd, req, uintptr(unsafe.Pointer(&r)))
 	return errnoErr(errno)
+}
+
+// struct kvm_create_guest_memfd.
+type createGuestMemfdArgs struct {
+	size     uint64
+	flags    uint64
+	reserved [6]uint64
+}
+
+// createGuestMemfd is KVM_CREATE_GUEST_MEMFD on the VM fd; it returns the
+// new descriptor.
+func createGuestMemfd(vmfd uintptr, size, flags uint64) (int, error) {
+	a := createGuestMemfdArgs{size: size, flags: flags}
+	// Safety: &a is converted in the Syscall argument list, so a stays
+	// alive and in place during the call; it is exactly the size the ioctl
+	// number encodes (64 bytes), and the kernel only reads it.
+	req := gokvm.IIOWR(nrCreateGuestMemfd, unsafe.Sizeof(a))
+	for {
+		fd, _, errno := syscall.Syscall(syscall.SYS_IOCTL, vmfd, req, uintptr(unsafe.Pointer(&a)))
+		if errno == syscall.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return -1, errno
+		}
+		return int(fd), nil
+	}
 }
 
 // struct kvm_dirty_log.

@@ -3,6 +3,8 @@ package kvm
 import (
 	"testing"
 	"unsafe"
+
+	gokvm "github.com/bobuhiro11/gokvm/kvm"
 )
 
 // hostAddr returns the address of b's first byte, for handing to the
@@ -31,6 +33,11 @@ func TestIoctlLayouts(t *testing.T) {
 		{"kvm_clear_dirty_log", unsafe.Sizeof(clearDirtyLog{}), 24},
 		{"kvm_clear_dirty_log.dirty_bitmap", unsafe.Offsetof(clearDirtyLog{}.bitmap), 16},
 		{"kvm_enable_cap", unsafe.Sizeof(enableCap{}), 104},
+		{"kvm_create_guest_memfd", unsafe.Sizeof(createGuestMemfdArgs{}), 64},
+		// Safety: as above, measuring only.
+		{"kvm_userspace_memory_region2.guest_memfd_offset", unsafe.Offsetof(userMemoryRegion2{}.guestMemfdOffset), 32},
+		// Safety: as above, measuring only. The number is _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd).
+		{"KVM_CREATE_GUEST_MEMFD", gokvm.IIOWR(nrCreateGuestMemfd, unsafe.Sizeof(createGuestMemfdArgs{})), 0xC040AED4},
 		// The register types: TestRegsLayout (amd64).
 		{"kvm_cpuid_entry2", unsafe.Sizeof(cpuidEntry2{}), 40},
 		// Safety: as above, measuring only.

@@ -25,20 +25,29 @@ const (
 	// ReadOnly makes the slot read-only for the guest: reads see the
 	// memory, writes exit to the VMM as MMIO (KVM_MEM_READONLY).
 	ReadOnly SlotFlags = 1 << 1
+	// GuestMemfdSlot says the slot's memory is guest_memfd memory
+	// (KVM_MEM_GUEST_MEMFD): KVM maps the pages of Slot.GuestMemfd from
+	// Slot.GuestMemfdOffset, not those behind HostAddr. The table sets it
+	// for a slot with a GuestMemfd; it cannot be combined with the other
+	// two.
+	GuestMemfdSlot SlotFlags = 1 << 2
 )
 
-// String names the flags: "log-dirty", "read-only", both joined by "|",
-// or "none".
+// String names the flags: "log-dirty", "read-only", "guest-memfd", joined
+// by "|", or "none".
 func (f SlotFlags) String() string {
 	var s []byte
-	if f&LogDirtyPages != 0 {
-		s = append(s, "log-dirty"...)
-	}
-	if f&ReadOnly != 0 {
+	for _, n := range []struct {
+		f    SlotFlags
+		name string
+	}{{LogDirtyPages, "log-dirty"}, {ReadOnly, "read-only"}, {GuestMemfdSlot, "guest-memfd"}} {
+		if f&n.f == 0 {
+			continue
+		}
 		if len(s) > 0 {
 			s = append(s, '|')
 		}
-		s = append(s, "read-only"...)
+		s = append(s, n.name...)
 	}
 	if len(s) == 0 {
 		return "none"
@@ -47,13 +56,20 @@ func (f SlotFlags) String() string {
 }
 
 // Slot is a memory slot: guest-physical [GPA, GPA+Size) backed by host
-// memory at HostAddr.
+// memory at HostAddr, or by guest_memfd memory.
 type Slot struct {
 	ID       uint32    // slot number, 0 to VM.MaxSlots()-1
 	GPA      uint64    // guest-physical address, page-aligned
 	Size     uint64    // bytes, a nonzero multiple of the page size
 	HostAddr uintptr   // host virtual address of the memory, page-aligned
-	Flags    SlotFlags // LogDirtyPages, ReadOnly
+	Flags    SlotFlags // LogDirtyPages, ReadOnly, GuestMemfdSlot
+	// GuestMemfd, if set, is the guest_memfd of this VM (CreateGuestMemfd)
+	// whose bytes [GuestMemfdOffset, +Size) are the slot's memory; the slot
+	// gets GuestMemfdSlot. HostAddr should then be the host's mapping of
+	// the same bytes (KVM does not check it, but its instruction emulator
+	// reaches guest memory through it).
+	GuestMemfd       *GuestMemfd
+	GuestMemfdOffset uint64 // page-aligned
 }
 
 // End returns the first guest address past the slot.
@@ -358,11 +374,14 @@ func (vm *VM) check(s Slot) error {
 	if s.Pages() > MaxSlotPages {
 		return fmt.Errorf("%w: %d pages, the kernel allows at most %d per slot", ErrSlotSize, s.Pages(), MaxSlotPages)
 	}
-	if s.Flags&^(LogDirtyPages|ReadOnly) != 0 {
+	if s.Flags&^(LogDirtyPages|ReadOnly|GuestMemfdSlot) != 0 {
 		return fmt.Errorf("%w: unknown flags %#x", ErrSlotFlags, uint32(s.Flags))
 	}
 	if s.Flags&ReadOnly != 0 && !vm.caps.ReadonlyMem {
 		return fmt.Errorf("%w: read-only slots need KVM_CAP_READONLY_MEM, which this kernel lacks", ErrSlotFlags)
+	}
+	if err := vm.checkGuestMemfd(s); err != nil {
+		return err
 	}
 	// The slots are sorted by GPA and disjoint, so the ones overlapping s
 	// are a run starting at the first that ends after s.GPA.
@@ -427,10 +446,16 @@ func (vm *VM) AddSlot(s Slot) (Slot, error) {
 
 // setLocked is SetSlot with mu held and the VM open; errors are *SlotError.
 func (vm *VM) setLocked(s Slot) (err error) {
+	if s.GuestMemfd != nil {
+		s.Flags |= GuestMemfdSlot
+	}
 	if err := vm.check(s); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
 	old, ok := vm.slots[s.ID]
+	if ok && old == s {
+		return nil // nothing changes (and KVM refuses to "change" a guest_memfd slot in place)
+	}
 	if ok && vm.slotChanging(old, s) {
 		defer func() {
 			if err == nil {
@@ -438,13 +463,16 @@ func (vm *VM) setLocked(s Slot) (err error) {
 			}
 		}()
 	}
-	if ok && (old.Size != s.Size || old.HostAddr != s.HostAddr || (old.Flags^s.Flags)&ReadOnly != 0) {
+	// KVM makes guest_memfd slots immutable: any change is a delete and a
+	// create.
+	if ok && (old.Size != s.Size || old.HostAddr != s.HostAddr || (old.Flags^s.Flags)&ReadOnly != 0 ||
+		old.GuestMemfd != nil || s.GuestMemfd != nil) {
 		if err := vm.setRegion(old.ID, 0, old.GPA, 0, 0); err != nil {
 			return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 		}
 		vm.deleteLocked(s.ID)
-		if err := vm.setRegion(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr); err != nil {
-			if rerr := vm.setRegion(old.ID, uint32(old.Flags), old.GPA, old.Size, old.HostAddr); rerr != nil {
+		if err := vm.setSlotRegion(s); err != nil {
+			if rerr := vm.setSlotRegion(old); rerr != nil {
 				return &SlotError{Op: "SetSlot", Slot: s.ID, Err: fmt.Errorf("%w; restoring the old slot failed "+
 					"too, so slot %d is gone: %w", err, s.ID, rerr)}
 			}
@@ -454,7 +482,7 @@ func (vm *VM) setLocked(s Slot) (err error) {
 		vm.insertLocked(s)
 		return nil
 	}
-	if err := vm.setRegion(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr); err != nil {
+	if err := vm.setSlotRegion(s); err != nil {
 		return &SlotError{Op: "SetSlot", Slot: s.ID, Err: err}
 	}
 	vm.insertLocked(s)
@@ -485,16 +513,28 @@ func (vm *VM) DeleteSlot(id uint32) error {
 	return nil
 }
 
+// setSlotRegion creates slot s in the kernel.
+func (vm *VM) setSlotRegion(s Slot) error {
+	if s.GuestMemfd == nil {
+		return vm.setRegion(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr)
+	}
+	return vm.setRegionGmem(s.ID, uint32(s.Flags), s.GPA, s.Size, s.HostAddr, s.GuestMemfd.FD(), s.GuestMemfdOffset)
+}
+
 func (vm *VM) setRegion(slot, flags uint32, gpa, size uint64, uaddr uintptr) error {
+	return vm.setRegionGmem(slot, flags, gpa, size, uaddr, -1, 0)
+}
+
+func (vm *VM) setRegionGmem(slot, flags uint32, gpa, size uint64, uaddr uintptr, gmemFD int, gmemOff uint64) error {
 	name := "KVM_SET_USER_MEMORY_REGION"
 	if vm.caps.UserMemory2 {
 		name = "KVM_SET_USER_MEMORY_REGION2"
 	}
 	err := retryErr(func() error {
-		return setUserMemoryRegion(vm.f.Fd(), vm.caps.UserMemory2, slot, flags, gpa, size, uaddr)
+		return setUserMemoryRegion(vm.f.Fd(), vm.caps.UserMemory2, slot, flags, gpa, size, uaddr, gmemFD, gmemOff)
 	})
 	if errors.Is(err, syscall.EEXIST) {
-		return fmt.Errorf("%w: the kernel reports an overlap (%v)", ErrSlotOverlap, ioctlErr(name, err))
+		return fmt.Errorf("%w: the kernel reports an overlap (%w)", ErrSlotOverlap, ioctlErr(name, err))
 	}
 	return ioctlErr(name, err)
 }

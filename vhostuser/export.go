@@ -77,7 +77,7 @@ func Export(m *guestmem.Memory, f *Frontend) (*Exporter, error) {
 // backing fd would not see.
 func shareable(m *guestmem.Memory) error {
 	switch b := m.Backing(); b {
-	case guestmem.Memfd, guestmem.Hugetlb:
+	case guestmem.Memfd, guestmem.Hugetlb, guestmem.GuestMemfd:
 		if m.FD() < 0 {
 			return fmt.Errorf("vhostuser: Export: the guest memory is closed: %w", fs.ErrClosed)
 		}

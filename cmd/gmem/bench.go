@@ -25,7 +25,7 @@ import (
 // flags and prints.
 type BenchCmd struct {
 	Sizes        []Size   `default:"1G,4G" sep:"," placeholder:"SIZE" help:"Guest sizes, multiples of 2 MiB: 512M, 4G, 4GiB, 1T... (default: ${default})."`
-	Backings     []string `sep:"," placeholder:"NAME" help:"Backings among anon, anon-thp, memfd, hugetlb. Default: all the host offers (hugetlb only with a big enough pool); one named here that the host lacks is an error."`
+	Backings     []string `sep:"," placeholder:"NAME" help:"Backings among anon, anon-thp, memfd, hugetlb, gmem (guest_memfd). Default: all the host offers (hugetlb only with a big enough pool, gmem only with KVM whose guest_memfd the host can map); one named here that the host lacks is an error."`
 	Strategies   []string `default:"none,map-populate,prefault-1,prefault-n,touch" sep:"," placeholder:"NAME" help:"Prefault strategies among none, map-populate, prefault-1, prefault-n, touch (default: all)."`
 	Peers        []string `sep:"," placeholder:"NAME" help:"Peers among madvise, memset, qemu, gokvm, or none. Default: all available (qemu needs a QEMU binary, gokvm needs KVM); one named here that is unavailable is an error."`
 	Workers      int      `default:"0" placeholder:"N" help:"Workers of prefault-n and the parallel peers (default: the number of CPUs)."`

@@ -84,7 +84,7 @@ func TestBadCommandLinesExit2(t *testing.T) {
 		{[]string{"probe", "--measure-size", "lots"}, "--measure-size: malformed size"},
 
 		{[]string{"bench", "--bogus"}, "unknown flag --bogus"},
-		{[]string{"bench", "--backings", "foo"}, `--backings: unknown name "foo" (want some of anon, anon-thp, memfd, hugetlb)`},
+		{[]string{"bench", "--backings", "foo"}, `--backings: unknown name "foo" (want some of anon, anon-thp, memfd, hugetlb, gmem)`},
 		{[]string{"bench", "--strategies", "foo"}, `--strategies: unknown name "foo" (want some of none, map-populate`},
 		{[]string{"bench", "--peers", "foo"}, `--peers: unknown name "foo" (want some of madvise, memset, qemu, gokvm)`},
 		{[]string{"bench", "--peers", "none,qemu"}, `--peers: unknown name "none"`},

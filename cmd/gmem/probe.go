@@ -99,6 +99,13 @@ func renderProbe(w io.Writer, f *host.Facts) error {
 		row("read-only slots", "%s", yes(c.ReadonlyMem))
 		row("user memory2", "%s", yes(c.UserMemory2))
 		row("guest_memfd", "%s", yes(c.GuestMemfd))
+		if c.GuestMemfd {
+			mapped := "no host mapping (Linux 6.18 adds it): --backings gmem unavailable"
+			if c.GuestMemfdMmap {
+				mapped = "the host can map it: guestmem.WithGuestMemfd, --backings gmem"
+			}
+			row("guest_memfd flags", "%s (%s)", c.GuestMemfdFlags, mapped)
+		}
 		row("manual dirty log", "%s", yes(c.ManualDirtyLog))
 		if c.DirtyRingBytes > 0 {
 			row("dirty ring", "yes, up to %s", units.Human(uint64(c.DirtyRingBytes)))

@@ -179,6 +179,15 @@ func New(cfg Config) (*Plan, error) {
 			if err != nil {
 				return fail(err)
 			}
+			if bk.Backing == guestmem.GuestMemfd {
+				if err := gmemAvailable(p.kvm); err != nil {
+					if cfg.ExplicitBackings {
+						return fail(fmt.Errorf("backing gmem unavailable: %w", err))
+					}
+					note("gmem skipped at %v: %v", s, err)
+					continue
+				}
+			}
 			if bk.Backing == guestmem.Hugetlb {
 				if err := pools.Check(bk.HugePage, uint64(s)); err != nil {
 					if cfg.ExplicitBackings {
@@ -204,13 +213,16 @@ func New(cfg Config) (*Plan, error) {
 				continue
 			}
 			for _, st := range cfg.Strategies {
+				if st == StrategyMapPopulate && sb.b.Backing == guestmem.GuestMemfd {
+					continue // MAP_POPULATE is a peer's method on a plain mapping, which guest_memfd is not
+				}
 				touch := p.kvm != nil && (st == StrategyNone || st == StrategyPrefaultN) &&
 					(cfg.GuestTouch == "on" || cfg.GuestTouch == "auto" && s <= guestTouchAuto)
 				p.jobs = append(p.jobs, gmemJob(s, sb.b, st, workers, p.kvm, touch))
 			}
 		}
 		for _, sb := range matrix {
-			if sb.size != s {
+			if sb.size != s || sb.b.Backing == guestmem.GuestMemfd { // the peers map memory of their own
 				continue
 			}
 			if slices.Contains(peers, PeerMadvise) {
@@ -412,4 +424,22 @@ func summarizeJob(j job, samples []sample, warmup int) Result {
 	last := samples[len(samples)-1]
 	r.Huge, r.Resident, r.Note = last.huge, last.resident, last.note
 	return r
+}
+
+// gmemAvailable says why the gmem backing cannot be measured, if it cannot:
+// no KVM, or a guest_memfd the host cannot map (before Linux 6.18).
+func gmemAvailable(d *kvm.Device) error {
+	if d == nil {
+		return errors.New("guest_memfd is made on a VM, and KVM is not available")
+	}
+	c, err := d.Capabilities()
+	if err != nil {
+		return err
+	}
+	const want = kvm.GuestMemfdMmap | kvm.GuestMemfdInitShared
+	if !c.GuestMemfd || c.GuestMemfdFlags&want != want {
+		return fmt.Errorf("this kernel's guest_memfd cannot be mapped by the host (flags %v; Linux 6.18 needed)",
+			c.GuestMemfdFlags)
+	}
+	return nil
 }

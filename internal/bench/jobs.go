@@ -79,13 +79,25 @@ func registerSlots(dev *kvm.Device, regions []guestmem.Region) (*kvm.VM, time.Du
 func gmemRun(ctx context.Context, size units.Size, bk BackingChoice, st string, workers int, dev *kvm.Device,
 	touch bool) (s sample, err error) {
 	s = sample{register: notApplicable, guestTouch: notApplicable}
+	var vm *kvm.VM
+	if bk.Backing == guestmem.GuestMemfd {
+		// The guest_memfd is made on the VM, which must come first.
+		if dev == nil {
+			return s, errors.New("the gmem backing needs KVM")
+		}
+		if vm, err = dev.CreateVM(); err != nil {
+			return s, err
+		}
+	}
 	t0 := time.Now()
-	m, err := guestmem.New(guestmem.X86Layout(uint64(size)), bk.guestmemOptions()...)
+	m, err := guestmem.New(guestmem.X86Layout(uint64(size)), bk.guestmemOptions(vm)...)
 	s.mapT = time.Since(t0)
 	if err != nil {
+		if vm != nil {
+			err = errors.Join(err, vm.Close())
+		}
 		return s, fmt.Errorf("guestmem.New: %w", err)
 	}
-	var vm *kvm.VM
 	var mach *guest.Machine
 	defer func() {
 		if mach != nil {
@@ -99,8 +111,10 @@ func gmemRun(ctx context.Context, size units.Size, bk BackingChoice, st string, 
 		}
 	}()
 	if dev != nil {
-		if vm, err = dev.CreateVM(); err != nil {
-			return s, err
+		if vm == nil {
+			if vm, err = dev.CreateVM(); err != nil {
+				return s, err
+			}
 		}
 		t := time.Now()
 		if err := m.Register(vm); err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/gmem-vmm/gmem/arena"
 	"github.com/gmem-vmm/gmem/guestmem"
 	"github.com/gmem-vmm/gmem/internal/fault"
+	"github.com/gmem-vmm/gmem/kvm"
 	"golang.org/x/sys/unix"
 )
 
@@ -19,7 +20,7 @@ import (
 // name): a guestmem backing, with or without transparent hugepages, or
 // hugetlb with its page size.
 type BackingChoice struct {
-	Name     string           // flag value and table label: anon, anon-thp, memfd, hugetlb
+	Name     string           // flag value and table label: anon, anon-thp, memfd, hugetlb, gmem
 	Backing  guestmem.Backing // what guestmem.New is asked for
 	THP      bool             // transparent hugepages requested (MADV_HUGEPAGE)
 	HugePage uint64           // hugetlb page size; 0 for other backings
@@ -31,9 +32,11 @@ const (
 	BackingAnonTHP = "anon-thp"
 	BackingMemfd   = "memfd"
 	BackingHugetlb = "hugetlb"
+	BackingGmem    = "gmem" // guest_memfd made on the VM (guestmem.WithGuestMemfd); needs KVM and Linux 6.18
 )
 
-var BackingNames = []string{BackingAnon, BackingAnonTHP, BackingMemfd, BackingHugetlb}
+// BackingNames are the backing choices, in the order they are measured.
+var BackingNames = []string{BackingAnon, BackingAnonTHP, BackingMemfd, BackingHugetlb, BackingGmem}
 
 // backingByName returns the backing called name; hugePage is the hugetlb
 // page size.
@@ -47,14 +50,19 @@ func backingByName(name string, hugePage uint64) (BackingChoice, error) {
 		return BackingChoice{Name: name, Backing: guestmem.Memfd, THP: true}, nil
 	case BackingHugetlb:
 		return BackingChoice{Name: name, Backing: guestmem.Hugetlb, HugePage: hugePage}, nil
+	case BackingGmem:
+		return BackingChoice{Name: name, Backing: guestmem.GuestMemfd}, nil
 	}
 	return BackingChoice{}, fmt.Errorf("unknown backing %q (want one of %v)", name, BackingNames)
 }
 
-// guestmemOptions are the guestmem.New options for b.
-func (b BackingChoice) guestmemOptions() []guestmem.Option {
+// guestmemOptions are the guestmem.New options for b; vm is the VM a
+// guest_memfd is made on.
+func (b BackingChoice) guestmemOptions(vm *kvm.VM) []guestmem.Option {
 	opts := []guestmem.Option{guestmem.WithName("gmem-bench")}
 	switch b.Backing {
+	case guestmem.GuestMemfd:
+		opts = append(opts, guestmem.WithGuestMemfd(vm))
 	case guestmem.Memfd:
 		opts = append(opts, guestmem.WithMemfd())
 	case guestmem.Hugetlb:
