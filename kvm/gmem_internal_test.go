@@ -13,19 +13,7 @@ import (
 // that the kernel refuses what the table refuses on guest_memfd slots
 // (EINVAL, EEXIST), and accepts the slot the table accepts.
 func TestKernelAgreesOnGuestMemfdSlots(t *testing.T) {
-	d, err := Open("")
-	if err != nil {
-		if os.Getenv("GMEM_REQUIRE_KVM") == "1" {
-			t.Fatalf("GMEM_REQUIRE_KVM=1 but: %v", err)
-		}
-		t.Skip(err)
-	}
-	defer d.Close()
-	vm, err := d.CreateVM()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
+	vm := internalVM(t)
 	const shared = GuestMemfdMmap | GuestMemfdInitShared
 	if f, _ := vm.GuestMemfdFlags(); f&shared != shared {
 		if os.Getenv("GMEM_REQUIRE_KVM") == "1" {
@@ -39,11 +27,7 @@ func TestKernelAgreesOnGuestMemfdSlots(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	other, err := d.CreateVM()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := internalVM(t)
 	foreign, err := other.CreateGuestMemfd(size, shared)
 	if err != nil {
 		t.Fatal(err)

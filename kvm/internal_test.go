@@ -248,19 +248,7 @@ func TestStrings(t *testing.T) {
 // (EINVAL). The VM's table would refuse the second before the kernel sees
 // it; this goes around it.
 func TestKernelAgreesOnSlotLimit(t *testing.T) {
-	d, err := Open("")
-	if err != nil {
-		if os.Getenv("GMEM_REQUIRE_KVM") == "1" {
-			t.Fatalf("GMEM_REQUIRE_KVM=1 but: %v", err)
-		}
-		t.Skip(err)
-	}
-	defer d.Close()
-	vm, err := d.CreateVM()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
+	vm := internalVM(t)
 	mem, err := unix.Mmap(-1, 0, pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		t.Fatal(err)
@@ -284,4 +272,25 @@ func TestKernelAgreesOnSlotLimit(t *testing.T) {
 	if err := vm.setRegion(0, 0, 0, (MaxSlotPages+1)*pageSize, hostLow); !errors.Is(err, syscall.EINVAL) {
 		t.Fatalf("slot of MaxSlotPages+1 pages: err = %v, want EINVAL from the kernel", err)
 	}
+}
+
+// internalVM is testenv.VM for this package's own tests (testenv imports
+// kvm): a VM closed at cleanup, or a skip without KVM that fails under
+// GMEM_REQUIRE_KVM=1.
+func internalVM(t *testing.T) *VM {
+	t.Helper()
+	d, err := Open("")
+	if err != nil {
+		if os.Getenv("GMEM_REQUIRE_KVM") == "1" {
+			t.Fatalf("GMEM_REQUIRE_KVM=1 but: %v", err)
+		}
+		t.Skip(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	vm, err := d.CreateVM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	return vm
 }

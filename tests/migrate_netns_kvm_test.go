@@ -145,18 +145,6 @@ func startGuestReceiver(t *testing.T, l *netLink, ring int) *receiver {
 		"GMEM_GUEST_RECEIVER_RING="+strconv.Itoa(ring))
 }
 
-func dialGuestConns(t *testing.T, l *netLink) []io.ReadWriter {
-	t.Helper()
-	var conns []io.ReadWriter
-	for range migNetConns {
-		c, err := net.DialTimeout("tcp", net.JoinHostPort(l.peerIP, strconv.Itoa(guestMigPort)), 10*time.Second)
-		require.NoError(t, err)
-		t.Cleanup(func() { c.Close() })
-		conns = append(conns, c)
-	}
-	return conns
-}
-
 // handOver is what the source tells the receiver after the pause: where the
 // program is and the vCPU's registers (RCX set to the sweeps left to run).
 type handOver struct {
@@ -194,7 +182,7 @@ func migrateGuest(t *testing.T, l *netLink, g *runningGuest, ring int, postCopy 
 		handedOver = err
 		return nil
 	}
-	st, err := g.mem.Migrate(context.Background(), dialGuestConns(t, l), guestmem.MigrateOptions{
+	st, err := g.mem.Migrate(context.Background(), dialPort(t, l, guestMigPort), guestmem.MigrateOptions{
 		Pause:  pause,
 		Resume: func() error { g.mach.VM.Resume(); return nil },
 		// The machine may be busy: never fail the test on convergence.
@@ -252,7 +240,7 @@ func TestGuestMigratesBetweenNamespaces(t *testing.T) {
 			g := startSweepingGuest(t, 0)
 			r := startGuestReceiver(t, l, 0)
 			var once sync.Once
-			_, err := g.mem.Migrate(context.Background(), dialGuestConns(t, l), guestmem.MigrateOptions{
+			_, err := g.mem.Migrate(context.Background(), dialPort(t, l, guestMigPort), guestmem.MigrateOptions{
 				Pause:  g.mach.VM.Pause,
 				Resume: func() error { g.mach.VM.Resume(); return nil },
 				// Rounds go on until the cut: the target cannot be met.

@@ -141,11 +141,14 @@ func (r *receiver) expect(t *testing.T, prefix string) string {
 	}
 }
 
-func dialConns(t *testing.T, l *netLink) []io.ReadWriter {
+func dialConns(t *testing.T, l *netLink) []io.ReadWriter { return dialPort(t, l, migNetPort) }
+
+// dialPort opens migNetConns connections to port in the namespace.
+func dialPort(t *testing.T, l *netLink, port int) []io.ReadWriter {
 	t.Helper()
 	var conns []io.ReadWriter
 	for range migNetConns {
-		c, err := net.DialTimeout("tcp", net.JoinHostPort(l.peerIP, strconv.Itoa(migNetPort)), 10*time.Second)
+		c, err := net.DialTimeout("tcp", net.JoinHostPort(l.peerIP, strconv.Itoa(port)), 10*time.Second)
 		require.NoError(t, err)
 		t.Cleanup(func() { c.Close() })
 		conns = append(conns, c)
