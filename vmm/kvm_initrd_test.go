@@ -68,7 +68,7 @@ func TestDebianUnpacksInitramfsOnKVM(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	done := runAsync(ctx, v)
-	waitFor(t, 8*time.Minute, "'Freeing initrd memory' on the serial console", func() bool {
+	waitForBoot(t, 8*time.Minute, "'Freeing initrd memory' on the serial console", done, &console, func() bool {
 		return freed.Match(console.Bytes())
 	})
 	t.Logf("the kernel freed its initramfs after %v", time.Since(start).Round(time.Second))
@@ -124,7 +124,9 @@ func TestDebianBzImageOnKVM(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	done := runAsync(ctx, v)
-	waitFor(t, 6*time.Minute, "memory map from the bzImage", func() bool { return e820Printed(console.Bytes()) })
+	waitForBoot(t, 6*time.Minute, "memory map from the bzImage", done, &console, func() bool {
+		return e820Printed(console.Bytes())
+	})
 	t.Logf("the bzImage printed its memory map after %v", time.Since(start).Round(time.Second))
 	cancel()
 	<-done

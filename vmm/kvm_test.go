@@ -42,6 +42,28 @@ func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
 	}
 }
 
+// waitForBoot is waitFor for a kernel booting: it also fails as soon as the
+// VM's Run (done) returns, with its error, and either failure shows the
+// console's last 3 KiB, so a boot that stopped says where.
+func waitForBoot(t *testing.T, limit time.Duration, what string, done <-chan error, console *syncBuffer,
+	cond func() bool) {
+	t.Helper()
+	tail := func() string {
+		b := console.Bytes()
+		return string(b[max(0, len(b)-3<<10):])
+	}
+	deadline := time.After(limit)
+	for !cond() {
+		select {
+		case err := <-done:
+			t.Fatalf("the VM stopped (%v) before the %s; the console ends:\n%s", err, what, tail())
+		case <-deadline:
+			t.Fatalf("no %s after %v; the console ends:\n%s", what, limit, tail())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
 // TestTinyKernelOnKVM boots a kernel of a few instructions through PVH: it
 // writes to COM1, reads its line status and an empty port, and asks for a
 // reset, which ends Run.
