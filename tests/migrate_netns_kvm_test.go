@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"io"
 	"net"
 	"os"
 	"strconv"
@@ -280,18 +279,7 @@ func TestGuestMigrationReceiverProcess(t *testing.T) {
 	}
 	ring, err := strconv.Atoi(os.Getenv("GMEM_GUEST_RECEIVER_RING"))
 	require.NoError(t, err)
-	l, err := net.Listen("tcp", addr)
-	require.NoError(t, err)
-	defer l.Close()
-	fmt.Println("listening")
-	var conns []io.ReadWriter
-	for range migNetConns {
-		c, err := l.Accept()
-		require.NoError(t, err)
-		defer c.Close()
-		conns = append(conns, c)
-	}
-	m, rs, err := guestmem.ReceiveMigration(context.Background(), conns, guestmem.WithMemfd())
+	m, rs, err := guestmem.ReceiveMigration(context.Background(), acceptConns(t, addr), guestmem.WithMemfd())
 	if err != nil {
 		fmt.Println("receive error:", err)
 		os.Exit(2)

@@ -337,6 +337,24 @@ func TestMigrateBetweenNamespaces(t *testing.T) {
 	})
 }
 
+// acceptConns listens on addr, says "listening" (what startIn waits for),
+// and accepts migNetConns connections, closed when t ends.
+func acceptConns(t *testing.T, addr string) []io.ReadWriter {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	fmt.Println("listening")
+	var conns []io.ReadWriter
+	for range migNetConns {
+		c, err := l.Accept()
+		require.NoError(t, err)
+		t.Cleanup(func() { c.Close() })
+		conns = append(conns, c)
+	}
+	return conns
+}
+
 // TestMigrateReceiverProcess is the receiving side, run by
 // TestMigrateBetweenNamespaces in its namespace.
 func TestMigrateReceiverProcess(t *testing.T) {
@@ -344,18 +362,7 @@ func TestMigrateReceiverProcess(t *testing.T) {
 	if addr == "" {
 		return // only as the receiving process
 	}
-	l, err := net.Listen("tcp", addr)
-	require.NoError(t, err)
-	defer l.Close()
-	fmt.Println("listening")
-	var conns []io.ReadWriter
-	for range migNetConns {
-		c, err := l.Accept()
-		require.NoError(t, err)
-		defer c.Close()
-		conns = append(conns, c)
-	}
-	m, rs, err := guestmem.ReceiveMigration(context.Background(), conns, guestmem.WithMemfd())
+	m, rs, err := guestmem.ReceiveMigration(context.Background(), acceptConns(t, addr), guestmem.WithMemfd())
 	if err != nil {
 		fmt.Println("receive error:", err)
 		if errors.Is(err, guestmem.ErrMigrationProtocol) {
